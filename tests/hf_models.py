@@ -42,29 +42,67 @@ S, F = "sliding_attention", "full_attention"
 
 TARGET_KW = {
     "e2b": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        layer_types=[S, S, F, S, S, F], num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, global_head_dim=32, sliding_window=8,
-        hidden_size_per_layer_input=16, vocab_size_per_layer_input=512,
-        num_kv_shared_layers=3, use_double_wide_mlp=True,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        layer_types=[S, S, F, S, S, F],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=512,
+        num_kv_shared_layers=3,
+        use_double_wide_mlp=True,
     ),
     "moe": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
-        layer_types=[S, S, S, F], num_attention_heads=4, num_key_value_heads=2,
-        num_global_key_value_heads=1, attention_k_eq_v=True, head_dim=16, global_head_dim=32,
-        sliding_window=8, hidden_size_per_layer_input=0, vocab_size_per_layer_input=512,
-        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        layer_types=[S, S, S, F],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=512,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=24,
         use_bidirectional_attention="vision",
     ),
     "dense": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-        layer_types=[S, S, F, S, S, F], num_attention_heads=4, num_key_value_heads=2,
-        num_global_key_value_heads=1, attention_k_eq_v=True, head_dim=16, global_head_dim=32,
-        sliding_window=8, hidden_size_per_layer_input=0, vocab_size_per_layer_input=512,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        layer_types=[S, S, F, S, S, F],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=512,
     ),
 }
-COMMON = dict(final_logit_softcapping=30.0, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
-              bos_token_id=2, rms_norm_eps=1e-6)
+COMMON = dict(
+    final_logit_softcapping=30.0,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    rms_norm_eps=1e-6,
+)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
@@ -72,6 +110,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if "embed_scale" in name:  # non-persistent constant sqrt(H), not a weight
+                continue
             if "layer_scalar" in name:
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             elif ("norm" in name or "scale" in name) and t.is_floating_point():
@@ -89,6 +129,8 @@ def build_target(family: str, seed: int = 0):
     torch.manual_seed(seed)
     model = Gemma4ForCausalLM(target_config(family)).eval()
     _perturb(model, seed + 100)
+    with torch.no_grad():  # logits of a few units (not ~0.02) so a 1e-4 comparison means something
+        model.model.embed_tokens.weight.mul_(20.0)
     model.generation_config.eos_token_id = None
     return model
 
@@ -99,10 +141,19 @@ def assistant_config(family: str, ordered: bool | None = None):
     patch_transformers()
     t = TARGET_KW[family]
     text = dict(
-        vocab_size=t["vocab_size"], hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        layer_types=[S, S, S, F], num_attention_heads=4, num_key_value_heads=t["num_key_value_heads"],
-        head_dim=t["head_dim"], global_head_dim=t["global_head_dim"], sliding_window=t["sliding_window"],
-        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=4,
+        vocab_size=t["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        layer_types=[S, S, S, F],
+        num_attention_heads=4,
+        num_key_value_heads=t["num_key_value_heads"],
+        head_dim=t["head_dim"],
+        global_head_dim=t["global_head_dim"],
+        sliding_window=t["sliding_window"],
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        num_kv_shared_layers=4,
         final_logit_softcapping=None,
     )
     if t.get("attention_k_eq_v"):
@@ -111,8 +162,11 @@ def assistant_config(family: str, ordered: bool | None = None):
     if ordered is None:
         ordered = family == "e2b"
     return Gemma4AssistantConfig(
-        text_config=text_cfg.to_dict(), backbone_hidden_size=t["hidden_size"], use_ordered_embeddings=ordered,
-        num_centroids=16, centroid_intermediate_top_k=4,
+        text_config=text_cfg.to_dict(),
+        backbone_hidden_size=t["hidden_size"],
+        use_ordered_embeddings=ordered,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
     )
 
 
@@ -124,6 +178,8 @@ def build_assistant(family: str, seed: int = 0, ordered: bool | None = None):
     cfg = assistant_config(family, ordered)
     model = Gemma4AssistantForCausalLM(cfg).eval()
     _perturb(model, seed + 200)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)
     if cfg.use_ordered_embeddings:
         g = torch.Generator().manual_seed(1)
         model.masked_embedding.token_ordering.copy_(torch.randperm(cfg.text_config.vocab_size, generator=g))
@@ -133,22 +189,41 @@ def build_assistant(family: str, seed: int = 0, ordered: bool | None = None):
 
 def build_multimodal(text_model):
     """Wrap the same language model in Gemma4ForConditionalGeneration with tiny vision/audio towers."""
-    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4VisionConfig,
+    )
 
-    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=16, global_head_dim=16,
-                                position_embedding_size=64, use_clipped_linears=True)
-    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              subsampling_conv_channels=[8, 4], output_proj_dims=32)
-    cfg = Gemma4Config(text_config=text_model.config.to_dict(), vision_config=vision.to_dict(),
-                       audio_config=audio.to_dict())
+    vision = Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=16,
+        position_embedding_size=64,
+        use_clipped_linears=True,
+    )
+    audio = Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        subsampling_conv_channels=[8, 4],
+        output_proj_dims=32,
+    )
+    cfg = Gemma4Config(
+        text_config=text_model.config.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict()
+    )
     torch.manual_seed(3)
     mm = Gemma4ForConditionalGeneration(cfg).eval()
     mm.model.language_model.load_state_dict(text_model.model.state_dict())
     return mm
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def saved_pair(root: str, family: str, layout: str = "text", dtype: str = "float32") -> tuple[str, str]:
     """Save target (+ assistant) under ``root``; returns (target_dir, assistant_dir)."""
     import os

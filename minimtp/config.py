@@ -131,9 +131,7 @@ def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
     layer_types = d.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L)]
     layer_types = list(layer_types)
     if len(layer_types) != L:
-        raise ConfigError(
-            f"{src}: layer_types has {len(layer_types)} entries, expected num_hidden_layers = {L}"
-        )
+        raise ConfigError(f"{src}: layer_types has {len(layer_types)} entries, expected num_hidden_layers = {L}")
     for t in layer_types:
         if t not in (SLIDING, FULL):
             raise ConfigError(f"{src}: layer type {t!r}, expected {SLIDING!r} or {FULL!r}")
@@ -152,9 +150,7 @@ def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
             except ValueError:
                 raise ConfigError(f"{src}: per_layer_config key {k!r} is not a layer index") from None
             if not 0 <= i < L or not isinstance(over, dict):
-                raise ConfigError(
-                    f"{src}: per_layer_config[{k!r}] out of range or not an object (layers 0..{L - 1})"
-                )
+                raise ConfigError(f"{src}: per_layer_config[{k!r}] out of range or not an object (layers 0..{L - 1})")
             head_dims[i] = _int(over, "head_dim", src, head_dims[i], 1)
             kv_heads[i] = _int(over, "num_key_value_heads", src, kv_heads[i], 1)
     else:  # older form; global_head_dim defaults to 512 as in transformers
@@ -175,24 +171,18 @@ def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
         r = rp.get(t) or defaults[t]
         rt = r.get("rope_type", "default")
         if rt not in ("default", "proportional"):
-            raise ConfigError(
-                f"{src}: rope_parameters[{t!r}].rope_type = {rt!r}, expected 'default' or 'proportional'"
-            )
+            raise ConfigError(f"{src}: rope_parameters[{t!r}].rope_type = {rt!r}, expected 'default' or 'proportional'")
         rope[t] = RopeConfig(
             rope_type=rt,
             theta=float(r.get("rope_theta", defaults[t]["rope_theta"])),
-            partial_rotary_factor=float(r.get("partial_rotary_factor", 1.0) or 1.0)
-            if rt == "proportional"
-            else 1.0,
+            partial_rotary_factor=float(r.get("partial_rotary_factor", 1.0) or 1.0) if rt == "proportional" else 1.0,
             factor=float(r.get("factor", 1.0) or 1.0) if rt == "proportional" else 1.0,
         )
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu"):
         raise ConfigError(f"{src}: hidden_activation {act!r}, expected 'gelu_pytorch_tanh' or 'gelu'")
     if d.get("use_bidirectional_attention") == "all":
-        raise ConfigError(
-            f"{src}: use_bidirectional_attention='all' (non-causal) cannot be used for generation"
-        )
+        raise ConfigError(f"{src}: use_bidirectional_attention='all' (non-causal) cannot be used for generation")
     eos = d.get("eos_token_id", 1)
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     moe = bool(d.get("enable_moe_block", False))
@@ -229,16 +219,12 @@ def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
         source=src,
     )
     if cfg.num_kv_shared_layers > L:
-        raise ConfigError(
-            f"{src}: num_kv_shared_layers = {cfg.num_kv_shared_layers} exceeds num_hidden_layers = {L}"
-        )
+        raise ConfigError(f"{src}: num_kv_shared_layers = {cfg.num_kv_shared_layers} exceeds num_hidden_layers = {L}")
     if cfg.num_kv_shared_layers < L:
         first = L - cfg.num_kv_shared_layers
         for t in set(layer_types[first:]):
             if t not in layer_types[:first]:
-                raise ConfigError(
-                    f"{src}: KV-shared layers of type {t!r} have no earlier layer of that type to read"
-                )
+                raise ConfigError(f"{src}: KV-shared layers of type {t!r} have no earlier layer of that type to read")
     for i in range(L):
         if cfg.num_heads % cfg.kv_heads[i]:
             raise ConfigError(
@@ -277,13 +263,9 @@ def load_text_config(model_dir: str) -> TextConfig:
     if mt == "gemma4":
         d = _req(d, "text_config", path)
         if d.get("model_type", "gemma4_text") != "gemma4_text":
-            raise ConfigError(
-                f"{path}: text_config.model_type = {d.get('model_type')!r}, expected 'gemma4_text'"
-            )
+            raise ConfigError(f"{path}: text_config.model_type = {d.get('model_type')!r}, expected 'gemma4_text'")
     elif mt in ASSISTANT_TYPES:
-        raise ConfigError(
-            f"{path}: model_type {mt!r} is an assistant (drafter); expected a target: {TEXT_TYPES}"
-        )
+        raise ConfigError(f"{path}: model_type {mt!r} is an assistant (drafter); expected a target: {TEXT_TYPES}")
     elif mt != "gemma4_text":
         raise ConfigError(f"{path}: model_type {mt!r} is not supported, expected one of {TEXT_TYPES}")
     cfg = parse_text_config(d, path)
@@ -312,9 +294,7 @@ def load_assistant_config(model_dir: str) -> AssistantConfig:
     if text.num_kv_shared_layers != text.num_layers:
         raise ConfigError(f"{path}: num_kv_shared_layers must equal num_hidden_layers ({text.num_layers})")
     if text.hidden_size_per_layer_input or text.enable_moe_block or text.use_double_wide_mlp:
-        raise ConfigError(
-            f"{path}: assistant text_config must have no PLE, no MoE block and no double-wide MLP"
-        )
+        raise ConfigError(f"{path}: assistant text_config must have no PLE, no MoE block and no double-wide MLP")
     ordered = bool(d.get("use_ordered_embeddings", False))
     C = _int(d, "num_centroids", path, 2048, 1)
     if ordered and text.vocab_size % C:

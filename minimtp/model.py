@@ -228,9 +228,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         if P > 0:
-            self.embed_tokens_per_layer = ScaledEmbedding(
-                cfg.vocab_size_per_layer_input, L * P, None, math.sqrt(P)
-            )
+            self.embed_tokens_per_layer = ScaledEmbedding(cfg.vocab_size_per_layer_input, L * P, None, math.sqrt(P))
             self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
 

@@ -1,5 +1,7 @@
 """minimtp: readable, exact speculative decoding for Gemma 4 with its MTP assistant."""
 
+from minimtp.assistant import Gemma4Assistant, load_assistant
+from minimtp.engine import Engine, GenerationResult, Stats
 from minimtp.errors import (
     CacheFullError,
     CheckpointError,
@@ -8,8 +10,16 @@ from minimtp.errors import (
     GenerationError,
     MinimtpError,
 )
+from minimtp.model import Gemma4, load_target
 
 __all__ = [
+    "load_target",
+    "load_assistant",
+    "Engine",
+    "GenerationResult",
+    "Stats",
+    "Gemma4",
+    "Gemma4Assistant",
     "MinimtpError",
     "ConfigError",
     "CheckpointError",

@@ -336,3 +336,23 @@ class DenseContext:
             enable_gqa=q.shape[1] != k.shape[1],
         )
         return o.transpose(1, 2).reshape(B * S, *q.shape[1:])
+
+
+def load_target(path, dtype=torch.float32, device="cpu") -> Gemma4:
+    """Load a Gemma 4 target from a local Hugging Face directory (``gemma4_text`` or the multimodal ``gemma4``
+    layout; vision/audio towers are never read). Weights are read tensor by tensor into a model built on the meta
+    device, so no second full copy is made."""
+    import os
+
+    from minimtp.checkpoint import load_weights, parse_dtype
+    from minimtp.config import load_text_config
+
+    path = os.fspath(path)
+    cfg = load_text_config(path)
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = Gemma4(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = load_weights(path, expected, dtype=dtype, device=device)
+    model.load_state_dict(weights, assign=True, strict=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,369 @@
+"""The decoding engine: plain and speculative decoding for a batch of ragged prompts over a paged KV cache.
+
+One round for every active sequence b (cache holds positions < p_b; token t_b at p_b is emitted but not yet run;
+h_b is the target's post-norm hidden state at p_b - 1):
+
+    draft   k tokens with the assistant at the constant position p_b  (k = 0: plain decoding)
+    verify  one target forward on [t_b, d_1 .. d_k] at positions p_b .. p_b + k   (k+1 rows of logits)
+    accept  n drafts by the rule of the sampling mode, emit d_1..d_n and one more token (correction or bonus)
+    roll back the cache to p_b + n + 1 positions, h_b ← the hidden state of row n, repeat
+
+The emitted sequence has exactly the distribution of plain decoding (docs: concepts/speculative-decoding).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from minimtp.attention import get_attention_backend
+from minimtp.config import SLIDING
+from minimtp.errors import CompatibilityError, GenerationError
+from minimtp.kv_cache import DraftPagedContext, KVCache, PagedContext
+from minimtp.sampling import SamplingParams, draw_exponentials, draw_uniforms, make_generators, process_logits, sample
+
+
+@dataclass
+class Stats:
+    """Counters of one run (or one sequence). ``mean_acceptance_length`` = 1 + accepted / draft rounds (as vLLM)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    target_steps: int = 0  # target forward passes after prefill (one per round)
+    prefill_steps: int = 0
+    draft_rounds: int = 0  # rounds with at least one draft
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+    ttft_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.accepted / self.draft_rounds if self.draft_rounds else 1.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    def count_round(self, k: int, n: int) -> None:
+        self.target_steps += 1
+        if k:
+            self.draft_rounds += 1
+            self.drafted += k
+            self.accepted += n
+            while len(self.drafted_per_position) < k:
+                self.drafted_per_position.append(0)
+                self.accepted_per_position.append(0)
+            for j in range(k):
+                self.drafted_per_position[j] += 1
+                self.accepted_per_position[j] += int(j < n)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            mean_acceptance_length=self.mean_acceptance_length,
+            tokens_per_second=self.tokens_per_second,
+            per_position_acceptance=self.per_position_acceptance,
+        )
+        return d
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt (a stop token that ended a sequence is included)
+    finish_reasons: list[str]  # "stop" | "length" | "context"
+    stats: Stats
+    seq_stats: list[Stats]
+
+
+@dataclass
+class _Seq:
+    idx: int
+    prompt: list[int]
+    out: list[int] = field(default_factory=list)
+    cache_len: int = 0  # positions with K/V in the cache
+    pending: int = -1  # emitted token at position cache_len, not yet run through the target
+    hidden: torch.Tensor | None = None  # target hidden state at cache_len - 1
+    done: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+
+def _verify_backends(name: str):
+    if name == "torch":
+        from minimtp import speculative
+
+        return speculative.verify, speculative.verify_greedy
+    if name == "triton":
+        from minimtp.kernels import verify as kv
+
+        return kv.verify, kv.verify_greedy
+    raise CompatibilityError(f"verify backend {name!r}: expected 'torch' or 'triton'")
+
+
+class Engine:
+    """Owns the KV pool and the backends. ``assistant=None`` gives plain decoding.
+
+    ``draft_mode="argmax"`` drafts argmax q and verifies with the one-hot rule (accept with p(x): expected
+    acceptance p(argmax q)); ``"sample"`` samples drafts from the processed drafter distribution q' and accepts
+    with min(1, p/q') (expected acceptance Σ min(p, q')). Both are exact; at temperature 0 both are greedy.
+    """
+
+    def __init__(
+        self,
+        target,
+        assistant=None,
+        *,
+        attention_backend: str = "torch",
+        verify_backend: str = "torch",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        draft_mode: str = "argmax",
+    ):
+        self.target, self.assistant = target, assistant
+        self.cfg = target.config
+        self.attention = get_attention_backend(attention_backend)
+        self.verify, self.verify_greedy = _verify_backends(verify_backend)
+        self.attention_backend, self.verify_backend = attention_backend, verify_backend
+        if block_size < 1:
+            raise GenerationError(f"block_size = {block_size}, expected >= 1")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.draft_mode = _check_draft_mode(draft_mode)
+        if assistant is not None:
+            from minimtp.assistant import check_pair
+
+            check_pair(self.cfg, assistant.config)
+        self.dtype = target.model.embed_tokens.weight.dtype
+        self.device = target.model.embed_tokens.weight.device
+
+    @property
+    def default_num_speculative_tokens(self) -> int:
+        n = self.assistant.config.num_assistant_tokens if self.assistant is not None else None
+        return n or 6
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise GenerationError("prompts must be a non-empty list of token-id lists")
+        if all(isinstance(x, int) for x in prompts):
+            raise GenerationError("prompts must be a list of token-id lists, e.g. [[2, 651, 1234]], not a flat list")
+        V, out = self.cfg.vocab_size, []
+        for b, p in enumerate(prompts):
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            if not isinstance(p, (list, tuple)) or len(p) == 0:
+                raise GenerationError(f"prompt {b} is empty (or not a list of token ids)")
+            for t in p:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise GenerationError(f"prompt {b}: token id {t!r} is not an integer")
+                if not 0 <= t < V:
+                    raise GenerationError(f"prompt {b}: token id {t} out of range, expected 0 <= id < vocab_size {V}")
+            if len(p) >= self.cfg.max_position_embeddings:
+                raise GenerationError(
+                    f"prompt {b} has {len(p)} tokens; the context limit (max_position_embeddings) is "
+                    f"{self.cfg.max_position_embeddings}"
+                )
+            out.append(list(p))
+        return out
+
+    # ---- one forward of the target over the packed new tokens of several sequences ----------------------------
+    def _target_forward(self, cache: KVCache, seqs: list[_Seq], new_tokens: list[list[int]]):
+        ids = [s.idx for s in seqs]
+        counts = [len(t) for t in new_tokens]
+        for s, c in zip(seqs, counts):
+            cache.reserve(s.idx, s.cache_len + c)
+        dev = self.device
+        tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=dev)
+        pos = torch.tensor([s.cache_len + j for s, c in zip(seqs, counts) for j in range(c)], device=dev)
+        cu = torch.tensor([0] + counts, dtype=torch.int32, device=dev).cumsum(0, dtype=torch.int32)
+        ctx = PagedContext(
+            cache,
+            self.attention,
+            cache.block_tables(ids, dev),
+            cache.slot_mapping(ids, [s.cache_len for s in seqs], counts, dev),
+            torch.tensor([s.cache_len + c for s, c in zip(seqs, counts)], dtype=torch.int32, device=dev),
+            cu,
+        )
+        return self.target.run(tok, pos, ctx, logit_rows="all"), cu.tolist()
+
+    def _draft(self, cache: KVCache, seqs: list[_Seq], k: int, params: SamplingParams, gens):
+        """k drafting steps for every sequence at its constant position p = cache_len. Returns draft ids ``[B, k]``
+        and, in sample mode, the processed drafter distributions q' ``[B, k, V]`` (else None)."""
+        dev = self.device
+        ids = [s.idx for s in seqs]
+        p = torch.tensor([s.cache_len for s in seqs], device=dev)
+        ctx = DraftPagedContext(
+            cache, self.assistant.config.text, self.attention, cache.block_tables(ids, dev), p.to(torch.int32)
+        )
+        last = torch.tensor([s.pending for s in seqs], device=dev)
+        hidden = torch.stack([s.hidden for s in seqs])
+        drafts, qs = [], []
+        sampled = self.draft_mode == "sample" and not params.is_greedy
+        for _ in range(k):
+            logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx)
+            if sampled:
+                q = process_logits(logits, params)
+                last = sample(q, draw_exponentials(gens, q.shape[-1]))
+                qs.append(q)
+            else:
+                last = logits.argmax(-1)
+            drafts.append(last)
+        return torch.stack(drafts, 1), (torch.stack(qs, 1) if sampled else None)
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 64,
+        num_speculative_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids=None,
+        draft_mode: str | None = None,
+        use_assistant: bool = True,
+        on_tokens=None,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` for each prompt (a list of token-id lists).
+
+        ``temperature=0`` is greedy. Stops at any of ``stop_token_ids`` (default: the model's EOS ids), at
+        ``max_new_tokens`` or at the context limit; tokens accepted past a stop are trimmed. ``on_tokens(i, ids)``
+        is called as tokens of prompt i are accepted (streaming)."""
+        t0 = time.perf_counter()
+        prompts = self._check_prompts(prompts)
+        params = SamplingParams(temperature, top_k, top_p, min_p).validate()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
+        spec = self.assistant is not None and use_assistant
+        k = self.default_num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise GenerationError(f"num_speculative_tokens = {k!r}, expected an integer >= 1")
+        k = k if spec else 0
+        mode = self.draft_mode if draft_mode is None else _check_draft_mode(draft_mode)
+        saved_mode, self.draft_mode = self.draft_mode, mode
+        stops = set(self.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        gens = make_generators(seed, len(prompts))
+        max_ctx = self.cfg.max_position_embeddings
+        seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
+        cache = self._make_cache(prompts, max_new_tokens, k)
+        try:
+            for s in seqs:
+                cache.add(s.idx)
+            # prefill: every prompt in one packed forward; first token from the last row of each
+            out, cu = self._target_forward(cache, seqs, [s.prompt for s in seqs])
+            rows = torch.tensor([c - 1 for c in cu[1:]])
+            first = self._pick(out.logits[rows], params, gens)
+            stats = Stats(prompt_tokens=sum(map(len, prompts)), prefill_steps=1)
+            for s, r, t in zip(seqs, rows.tolist(), first):
+                s.cache_len, s.hidden = len(s.prompt), out.hidden[r]
+                s.stats.prompt_tokens = len(s.prompt)
+                cache.trim_window(s.idx, s.cache_len)
+                self._emit(s, [t], stops, max_new_tokens, max_ctx, on_tokens)
+            stats.ttft_s = time.perf_counter() - t0
+            for s in seqs:
+                s.stats.ttft_s = stats.ttft_s
+            while active := [s for s in seqs if s.done is None]:
+                self._round(cache, active, k, params, gens, stops, max_new_tokens, max_ctx, stats, on_tokens)
+        finally:
+            self.draft_mode = saved_mode
+        stats.elapsed_s = time.perf_counter() - t0
+        for s in seqs:
+            s.stats.elapsed_s = stats.elapsed_s
+        stats.generated_tokens = sum(len(s.out) for s in seqs)
+        return GenerationResult([s.out for s in seqs], [s.done for s in seqs], stats, [s.stats for s in seqs])
+
+    def _round(self, cache, active, k, params, gens, stops, max_new, max_ctx, stats, on_tokens):
+        # drafts per sequence: never more than the budget left (the round also emits one target token)
+        ks = [max(0, min(k, max_new - len(s.out) - 1, max_ctx - s.cache_len - 2)) for s in active]
+        K = max(ks)
+        B = len(active)
+        drafts = torch.zeros(B, 0, dtype=torch.long)
+        q = None
+        if K > 0:
+            drafts, q = self._draft(cache, active, K, params, [gens[s.idx] for s in active])
+        drafts_l = drafts.tolist()
+        out, cu = self._target_forward(
+            cache, active, [[s.pending] + drafts_l[b][: ks[b]] for b, s in enumerate(active)]
+        )
+        V = out.logits.shape[-1]
+        logits = torch.zeros(B, K + 1, V, dtype=out.logits.dtype)
+        for b in range(B):
+            logits[b, : ks[b] + 1] = out.logits[cu[b] : cu[b + 1]]
+        num_drafts = torch.tensor(ks, dtype=torch.long)
+        if params.is_greedy:
+            ids, n_emit = self.verify_greedy(logits, drafts, num_drafts)
+        else:
+            g = [gens[s.idx] for s in active]
+            probs = process_logits(logits.view(B * (K + 1), V), params).view(B, K + 1, V)
+            ids, n_emit = self.verify(probs, drafts, q, num_drafts, draw_uniforms(g, K), draw_exponentials(g, V))
+        ids_l, n_l = ids.tolist(), n_emit.tolist()
+        for b, s in enumerate(active):
+            n_acc = n_l[b] - 1
+            stats.count_round(ks[b], n_acc)
+            s.stats.count_round(ks[b], n_acc)
+            s.hidden = out.hidden[cu[b] + n_acc]
+            s.cache_len += 1 + n_acc  # the pending token and the accepted drafts now have valid K/V
+            cache.truncate(s.idx, s.cache_len)  # roll back the rejected drafts
+            cache.trim_window(s.idx, s.cache_len)
+            self._emit(s, ids_l[b][: n_l[b]], stops, max_new, max_ctx, on_tokens)
+
+    def _pick(self, logits, params, gens) -> list[int]:
+        if params.is_greedy:
+            return logits.argmax(-1).tolist()
+        probs = process_logits(logits, params)
+        return sample(probs, draw_exponentials(gens, probs.shape[-1])).tolist()
+
+    @staticmethod
+    def _emit(s: _Seq, toks: list[int], stops, max_new, max_ctx, on_tokens) -> None:
+        """Append emitted tokens, trimming at the first stop token / the budget."""
+        new = []
+        for t in toks:
+            new.append(t)
+            if t in stops:
+                s.done = "stop"
+                break
+            if len(s.out) + len(new) >= max_new:
+                s.done = "length"
+                break
+        s.out.extend(new)
+        s.stats.generated_tokens += len(new)
+        s.pending = new[-1]
+        if s.done is None and s.cache_len + 1 >= max_ctx:
+            s.done = "context"
+        if on_tokens is not None and new:
+            on_tokens(s.idx, new)
+
+    def _make_cache(self, prompts, max_new: int, k: int) -> KVCache:
+        bs, W = self.block_size, self.cfg.sliding_window
+        keep = max(W, (self.assistant.config.text.sliding_window + 1) if self.assistant is not None else 0)
+        full = sum(-(-(len(p) + max_new + k + 1) // bs) for p in prompts)
+        window = sum(
+            min(-(-(len(p) + max_new + k + 1) // bs), -(-len(p) // bs) + -(-(keep + k + 1) // bs) + 2) for p in prompts
+        )
+        types = set(self.cfg.layer_types)
+        if self.num_blocks is not None:
+            sizes = {t: self.num_blocks for t in types}
+        else:
+            sizes = {t: (window if t == SLIDING else full) for t in types}
+        return KVCache(self.cfg, sizes, bs, keep, self.dtype, self.device)
+
+
+def _check_draft_mode(mode: str) -> str:
+    if mode not in ("argmax", "sample"):
+        raise GenerationError(f"draft_mode = {mode!r}, expected 'argmax' or 'sample'")
+    return mode

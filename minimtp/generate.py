@@ -1,0 +1,212 @@
+"""``python -m minimtp.generate``: generate text with a Gemma 4 target, sped up by its assistant.
+
+With no model flags the embedded default pair (``minimtp/default_model``) is used. Tokens are streamed as they
+are accepted; a stats line follows on stderr (acceptance as llama.cpp prints it: "a accepted / g drafted").
+Errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minimtp.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="local Gemma 4 checkpoint directory (default: the embedded model)")
+    p.add_argument("--assistant", help="local Gemma 4 assistant directory (default: the embedded assistant)")
+    p.add_argument("--no-assistant", action="store_true", help="plain decoding, no speculation")
+    p.add_argument("--prompt", help="the prompt text (default: --prompt-file, else stdin)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--num-speculative-tokens",
+        "-k",
+        type=int,
+        default=None,
+        help="drafts per round (default: the assistant's num_assistant_tokens, else 6)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's dtype)")
+    p.add_argument("--draft-mode", choices=["argmax", "sample"], default="argmax")
+    p.add_argument("--attention", choices=["torch", "triton"], default="torch", help="paged-attention backend")
+    p.add_argument("--verifier", choices=["torch", "triton"], default="torch", help="verification backend")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def _checkpoint_dtype(model_dir: str) -> str:
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return "float32"
+    dt = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+def load_tokenizer(model_dir: str):
+    """The tokenizer of a model directory (``tokenizer.json`` via transformers; never downloads)."""
+    from minimtp.errors import ConfigError
+
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        raise ConfigError(f"{model_dir}: no tokenizer.json (the CLI takes the tokenizer from the model directory)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises many types; report one line
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {msg})") from None
+
+
+def read_prompt(args) -> str:
+    from minimtp.errors import GenerationError
+
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise GenerationError(f"{args.prompt_file}: cannot read the prompt file ({e.strerror})") from None
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise GenerationError("no prompt: pass --prompt TEXT, --prompt-file FILE or pipe text on stdin")
+    if not text:
+        raise GenerationError("the prompt is empty")
+    return text
+
+
+def encode(tok, text: str, chat: bool) -> list[int]:
+    from minimtp.errors import GenerationError
+
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise GenerationError("--chat: the tokenizer has no chat_template")
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tok(text)["input_ids"])
+
+
+def stats_line(s) -> str:
+    line = f"[{s.generated_tokens} tokens, {s.tokens_per_second:.1f} tok/s, TTFT {s.ttft_s * 1000:.0f} ms"
+    if s.drafted:
+        line += (
+            f", draft acceptance rate {s.acceptance_rate:.3f} ({s.accepted} accepted / {s.drafted} drafted)"
+            f", mean acceptance length {s.mean_acceptance_length:.2f}"
+        )
+    return line + f", {s.target_steps} target steps]"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        from minimtp.errors import MinimtpError
+    except ImportError as e:  # pragma: no cover
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, torch)
+    except MinimtpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args, torch) -> int:
+    from minimtp import Engine, load_assistant, load_target
+    from minimtp.errors import ConfigError
+
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
+    asst_dir = None
+    if not args.no_assistant:
+        asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
+    if args.model is None and not os.path.isdir(model_dir):
+        raise ConfigError(f"{model_dir}: the embedded default model is missing from this install; pass --model DIR")
+    prompt = read_prompt(args)
+    tok = load_tokenizer(model_dir)
+    dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
+    target = load_target(model_dir, dtype=dtype)
+    assistant = load_assistant(asst_dir, target) if asst_dir else None
+    engine = Engine(
+        target, assistant, attention_backend=args.attention, verify_backend=args.verifier, draft_mode=args.draft_mode
+    )
+    ids = encode(tok, prompt, args.chat)
+    generated: list[int] = []
+    printed = [""]
+
+    def stream(_i, new):
+        generated.extend(new)
+        text = tok.decode(generated, skip_special_tokens=True)
+        if text.startswith(printed[0]) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed[0]) :])
+            sys.stdout.flush()
+            printed[0] = text
+
+    res = engine.generate(
+        [ids],
+        max_new_tokens=args.max_new_tokens,
+        num_speculative_tokens=args.num_speculative_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        on_tokens=None if args.json else stream,
+    )
+    s = res.stats
+    if args.json:
+        out = {
+            "text": tok.decode(res.tokens[0], skip_special_tokens=True),
+            "token_ids": res.tokens[0],
+            "prompt_token_ids": ids,
+            "finish_reason": res.finish_reasons[0],
+            "stats": {
+                "tokens_per_second": s.tokens_per_second,
+                "mean_acceptance_length": s.mean_acceptance_length,
+                "acceptance_rate": s.acceptance_rate,
+                "accepted": s.accepted,
+                "drafted": s.drafted,
+                "target_steps": s.target_steps,
+                "ttft_s": s.ttft_s,
+                "generated_tokens": s.generated_tokens,
+                "elapsed_s": s.elapsed_s,
+                "per_position_acceptance": s.per_position_acceptance,
+                "num_speculative_tokens": (
+                    (args.num_speculative_tokens or engine.default_num_speculative_tokens) if assistant else 0
+                ),
+            },
+        }
+        print(json.dumps(out))
+    else:
+        final = tok.decode(generated, skip_special_tokens=True)
+        sys.stdout.write(final[len(printed[0]) :] + "\n")
+        sys.stdout.flush()
+        print(stats_line(s), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,25 +18,7 @@ import functools
 import torch
 from transformers.models.gemma4 import configuration_gemma4 as cg
 
-_ORIGINAL_KV_SHARING_MODES = cg.Gemma4TextConfig.kv_sharing_modes
-
-
-def _patched_kv_sharing_modes(self):
-    n, L = self.num_kv_shared_layers, self.num_hidden_layers
-    if n is not None and n >= L:
-        return ["reuse"] * L
-    if not n:
-        modes = [None] * L
-        for t in set(self.layer_types):
-            modes[max(i for i, lt in enumerate(self.layer_types) if lt == t)] = "store"
-        return modes
-    return _ORIGINAL_KV_SHARING_MODES.fget(self)
-
-
-def patch_transformers() -> None:
-    """Apply the kv_sharing_modes fix of gemma4.md §0 (idempotent)."""
-    cg.Gemma4TextConfig.kv_sharing_modes = property(_patched_kv_sharing_modes)
-
+from minimtp.hf_compat import patch_transformers  # noqa: E402  (the gemma4.md §0 fix, shared with bench)
 
 S, F = "sliding_attention", "full_attention"
 

@@ -40,6 +40,8 @@ class Stats:
     drafted_per_position: list[int] = field(default_factory=list)
     ttft_s: float = 0.0
     elapsed_s: float = 0.0
+    draft_s: float = 0.0  # wall time in assistant steps (for the cost ratio c of the speedup model)
+    verify_s: float = 0.0  # wall time in target forwards after prefill
 
     @property
     def acceptance_rate(self) -> float:

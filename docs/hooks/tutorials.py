@@ -1,0 +1,66 @@
+"""mkdocs hook: publish the top-level ``tutorials/*.py`` (jupytext percent format) as notebook pages.
+
+The tutorials live next to the package, not under ``docs/``, so that they run as plain scripts
+(``python tutorials/01_x.py``) and the test suite can smoke-test them. This hook
+
+* adds every ``tutorials/[!_]*.py`` to the site as ``tutorials/<name>.py`` (mkdocs-jupyter, configured with
+  ``include: ["tutorials/*.py"]``, then renders it as a notebook; the hook runs before it);
+* appends a "Tutorials" nav section listing them in file-name order, unless ``mkdocs.yml``'s nav already has a
+  section of that name (then the explicit list wins);
+* watches the folder under ``mkdocs serve``.
+
+So adding a tutorial is: drop ``tutorials/NN_topic.py`` (first markdown cell ``# Title``) and rebuild.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File
+
+SECTION = "Tutorials"
+
+
+def _tutorial_dir(config) -> Path:
+    return Path(config.config_file_path).parent / "tutorials"
+
+
+def _tutorials(config) -> list[Path]:
+    d = _tutorial_dir(config)
+    return sorted(p for p in d.glob("*.py") if not p.name.startswith("_")) if d.is_dir() else []
+
+
+def on_config(config):
+    paths = _tutorials(config)
+    nav = config.nav
+    if not paths or nav is None:
+        return config
+    has_section = any(isinstance(item, dict) and SECTION in item for item in nav)
+    if not has_section:
+        entries = [f"tutorials/{p.name}" for p in paths]
+        # Right after "Concepts" when there is one, else at the end.
+        at = next((i + 1 for i, item in enumerate(nav) if isinstance(item, dict) and "Concepts" in item), len(nav))
+        nav.insert(at, {SECTION: entries})
+    return config
+
+
+@event_priority(100)  # before mkdocs-jupyter's on_files, which turns these into notebook pages
+def on_files(files, config):
+    for p in _tutorials(config):
+        files.append(
+            File(
+                f"tutorials/{p.name}",
+                src_dir=str(p.parent.parent),
+                dest_dir=config.site_dir,
+                use_directory_urls=config.use_directory_urls,
+            )
+        )
+    return files
+
+
+def on_serve(server, config, builder):
+    d = _tutorial_dir(config)
+    if d.is_dir():
+        server.watch(str(d))
+    return server

@@ -296,12 +296,16 @@ class Engine:
         B = len(active)
         drafts = torch.zeros(B, 0, dtype=torch.long)
         q = None
+        t0 = time.perf_counter()
         if K > 0:
             drafts, q = self._draft(cache, active, K, params, [gens[s.idx] for s in active])
         drafts_l = drafts.tolist()
+        t1 = time.perf_counter()
         out, cu = self._target_forward(
             cache, active, [[s.pending] + drafts_l[b][: ks[b]] for b, s in enumerate(active)]
         )
+        stats.draft_s += t1 - t0
+        stats.verify_s += time.perf_counter() - t1
         V = out.logits.shape[-1]
         logits = torch.zeros(B, K + 1, V, dtype=out.logits.dtype)
         for b in range(B):

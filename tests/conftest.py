@@ -1,0 +1,35 @@
+"""Shared test setup: one CPU thread per test process, tiny HF checkpoints saved once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_models import patch_transformers, saved_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """The test machine is small and shared: keep torch to one intra-op thread."""
+    torch.set_num_threads(1)
+    patch_transformers()
+    yield
+
+
+@pytest.fixture(scope="session")
+def hf_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hf_models"))
+
+
+@pytest.fixture(scope="session")
+def saved(hf_root):
+    """``saved(family, layout="text", dtype="float32") -> (target_dir, assistant_dir)``, each saved once."""
+
+    def get(family: str, layout: str = "text", dtype: str = "float32") -> tuple[str, str]:
+        return saved_pair(hf_root, family, layout, dtype)
+
+    return get

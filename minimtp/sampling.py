@@ -130,13 +130,24 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.is_greedy:
         return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
     x = apply_temperature(x, params.temperature)
-    if params.top_k:
+    if params.top_k and params.top_k < x.shape[-1]:
         x = apply_top_k(x, params.top_k)
+        # top-p / min-p only see the <= k survivors (more on ties): filter a compact [N, m] slice instead of
+        # sorting all V logits (Gemma's default is top_k=64, top_p=0.95 over V = 262,144).
+        m = int(torch.isfinite(x).sum(-1).max())
+        idx = torch.topk(x, m, dim=-1).indices.sort(-1).values  # survivors, in token-id order
+        x = torch.full_like(x, -math.inf).scatter(-1, idx, _top_p_min_p(x.gather(-1, idx), params))
+    else:
+        x = _top_p_min_p(x, params)
+    return torch.softmax(x, -1)
+
+
+def _top_p_min_p(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p is not None and params.top_p < 1.0:
         x = apply_top_p(x, params.top_p)
     if params.min_p:
         x = apply_min_p(x, params.min_p)
-    return torch.softmax(x, -1)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ from hypothesis import strategies as st
 from minimtp.errors import GenerationError
 from minimtp.sampling import (
     SamplingParams,
+    apply_min_p,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
     draw_exponentials,
     draw_uniforms,
     make_generators,
@@ -299,3 +303,25 @@ def test_nan_and_all_neg_inf_logits_raise():
             process_logits(x, params)
     with pytest.raises(GenerationError, match=r"^logits row 0 is -inf for every token"):
         process_logits(torch.full((2, 4), -math.inf), SamplingParams(temperature=1.0))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    top_k=st.integers(1, 12),
+    top_p=st.none() | st.floats(0.01, 1.0),
+    min_p=st.none() | st.floats(0.0, 1.0),
+)
+def test_top_k_fast_path_equals_full_pipeline(seed, top_k, top_p, min_p):
+    """With top_k set, top-p / min-p run on the compact survivor slice; same result as on all V logits."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.round(2 * torch.randn(4, 30, generator=g, dtype=torch.float64)) / 2  # ties at the k-th value
+    x[0, 5] = -math.inf
+    full = apply_top_k(apply_temperature(x, 0.9), top_k)
+    if top_p is not None:
+        full = apply_top_p(full, top_p)
+    if min_p is not None:
+        full = apply_min_p(full, min_p)
+    out = proc(x, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p)
+    assert torch.equal(out > 0, torch.softmax(full, -1) > 0)
+    assert close(out, torch.softmax(full, -1), 1e-12)

@@ -1,0 +1,299 @@
+"""minimtp's Gemma 4 assistant against transformers' Gemma4AssistantForCausalLM (patched, gemma4.md §0), fed the
+same inputs (gemma4.md §7 "Assistant step in isolation"), and load_assistant's compatibility checks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from hf_models import TARGET_KW, build_assistant, build_target
+
+import minimtp
+from minimtp.assistant import CentroidHead, DraftDenseContext, check_pair
+from minimtp.config import FULL, SLIDING, load_assistant_config
+
+FAMILIES = ["e2b", "moe", "dense"]
+S = 30  # prompt length: longer than W + 1 = 9, so the drafter's sliding window matters
+TOL = 1e-4
+
+
+@functools.cache
+def hf_pair(family: str, ordered: bool):
+    return build_target(family), build_assistant(family, ordered=ordered)
+
+
+@pytest.fixture(scope="module")
+def assistant_dir(saved, tmp_path_factory):
+    """``assistant_dir(family, ordered) -> (target_dir, assistant_dir)``; the default head comes from ``saved``."""
+    root = tmp_path_factory.mktemp("assistants")
+
+    @functools.cache
+    def get(family: str, ordered: bool):
+        tdir, adir = saved(family)
+        if ordered != (family == "e2b"):  # hf_models' default: centroid head for e2b, dense head otherwise
+            adir = str(root / f"{family}-{'ordered' if ordered else 'dense'}")
+            hf_pair(family, ordered)[1].save_pretrained(adir)
+        return tdir, adir
+
+    return get
+
+
+def prompt(length: int = S, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 512, (1, length), generator=g)
+
+
+def hf_target_states(target, ids):
+    with torch.no_grad():
+        return target(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            output_hidden_states=True,
+            return_shared_kv_states=True,
+            use_cache=False,
+        )
+
+
+def hf_steps(assistant, target, ids, out, p: int, steps: int = 2):
+    """transformers' drafting at position p: step 1 reads the target's hidden state at p - 1 and embeds ids[p];
+    later steps feed the projected state back and embed the previous draft (argmax). K/V cut to positions < p."""
+    skv = {t: (k[:, :, :p], v[:, :, :p]) for t, (k, v) in out.shared_kv_states.items()}
+    tok, hid, res = ids[:, p : p + 1], out.hidden_states[-1][:, p - 1 : p], []
+    with torch.no_grad():
+        for _ in range(steps):
+            emb = target.get_input_embeddings()(tok)
+            o = assistant(
+                inputs_embeds=torch.cat([emb, hid], -1), position_ids=torch.tensor([[p]]), shared_kv_states=skv
+            )
+            res.append((o.logits[0, -1], o.last_hidden_state[0, -1]))
+            tok, hid = o.logits[:, -1:].argmax(-1), o.last_hidden_state
+    return res
+
+
+def mt_steps(assistant, target, ids, p: int, steps: int = 2, cut: bool = True):
+    _, hidden, kv = target.forward_with_kv(ids)
+    if cut:
+        kv = {t: (k[:, :p], v[:, :p]) for t, (k, v) in kv.items()}
+    ctx = DraftDenseContext(assistant.config.text, kv, torch.tensor([[p]]))
+    tok, hid, res = ids[0, p : p + 1], hidden[0, p - 1 : p], []
+    for _ in range(steps):
+        logits, hid = assistant.step(target.embed(tok), hid, torch.tensor([p]), ctx)
+        res.append((logits[0], hid[0]))
+        tok = logits.argmax(-1)
+    return res
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["centroid", "dense_head"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_matches_transformers(assistant_dir, family, ordered):
+    tdir, adir = assistant_dir(family, ordered)
+    target = minimtp.load_target(tdir)
+    assistant = minimtp.load_assistant(adir, target)
+    assert isinstance(assistant, minimtp.Gemma4Assistant)
+    assert assistant.config.use_ordered_embeddings == ordered
+    assert isinstance(getattr(assistant, "masked_embedding", None), CentroidHead) == ordered
+    hf_t, hf_a = hf_pair(family, ordered)
+    ids = prompt()
+    out = hf_target_states(hf_t, ids)
+    p = S - 1  # the recipe: position 29, hidden state of 28, K/V of positions < 29
+    want = hf_steps(hf_a, hf_t, ids, out, p)
+    for cut in (True, False):  # the mask alone must hide positions >= p
+        got = mt_steps(assistant, target, ids, p, cut=cut)
+        for j, ((gl, gh), (wl, wh)) in enumerate(zip(got, want)):
+            assert gl.shape == wl.shape == (512,)
+            assert gh.shape == wh.shape == (64,)
+            assert (gl - wl).abs().max().item() <= TOL, (j, cut)
+            assert (gh - wh).abs().max().item() <= TOL, (j, cut)
+    assert want[0][0].abs().max().item() > 1.0  # logits large enough for 1e-4 to mean something
+    if ordered:  # non-selected tokens get the finite value min(selected) - 1
+        logits = want[0][0]
+        assert torch.isfinite(logits).all()
+        assert (logits == logits.min()).sum().item() == 512 - 4 * 512 // 16
+
+
+@pytest.mark.parametrize("family", ["e2b", "moe"])
+def test_several_positions_at_once(assistant_dir, family):
+    """DraftDenseContext with many queries (distillation form) equals one transformers call per position,
+    including p < W (no window mask in transformers) and p = W + 1 (the window boundary)."""
+    tdir, adir = assistant_dir(family, family == "e2b")
+    target = minimtp.load_target(tdir)
+    assistant = minimtp.load_assistant(adir, target)
+    hf_t, hf_a = hf_pair(family, family == "e2b")
+    ids = prompt()
+    out = hf_target_states(hf_t, ids)
+    ps = [3, 8, 9, 10, 17, 29]
+    _, hidden, kv = target.forward_with_kv(ids)
+    ctx = DraftDenseContext(assistant.config.text, kv, torch.tensor([ps]))
+    logits, proj = assistant.step(target.embed(ids[0, ps]), hidden[0, [p - 1 for p in ps]], torch.tensor(ps), ctx)
+    for r, p in enumerate(ps):
+        (wl, wh) = hf_steps(hf_a, hf_t, ids, out, p, steps=1)[0]
+        if assistant.config.use_ordered_embeddings:  # the fill value is per row in minimtp, per batch in HF
+            sel = wl > wl.min()
+            assert torch.equal(sel, logits[r] > logits[r].min()), p
+            assert (logits[r][sel] - wl[sel]).abs().max().item() <= TOL, p
+        else:
+            assert (logits[r] - wl).abs().max().item() <= TOL, p
+        assert (proj[r] - wh).abs().max().item() <= TOL, p
+
+
+def test_sliding_window_is_last_w_plus_1(assistant_dir):
+    """Corrupting sliding K/V older than the last W+1 entries changes nothing; entry p-(W+1) changes the logits."""
+    tdir, adir = assistant_dir("dense", False)
+    target = minimtp.load_target(tdir)
+    assistant = minimtp.load_assistant(adir, target)
+    ids, p, W = prompt(), 29, TARGET_KW["dense"]["sliding_window"]
+    _, hidden, kv = target.forward_with_kv(ids)
+
+    def run(kv):
+        ctx = DraftDenseContext(assistant.config.text, kv, torch.tensor([[p]]))
+        return assistant.step(target.embed(ids[0, p : p + 1]), hidden[0, p - 1 : p], torch.tensor([p]), ctx)[0]
+
+    base = run(kv)
+
+    def corrupt(j):
+        k, v = (t.clone() for t in kv[SLIDING])
+        k[:, j] += 5.0
+        v[:, j] -= 5.0
+        return {**kv, SLIDING: (k, v)}
+
+    assert torch.equal(run(corrupt(p - (W + 2))), base)
+    assert not torch.allclose(run(corrupt(p - (W + 1))), base)
+    assert torch.equal(run(corrupt(p)), base)  # position p itself is not visible
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_assistant compatibility checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def edited_assistant(src: str, dst, edit) -> str:
+    dst = str(dst)
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    edit(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+    return dst
+
+
+def _set_full(d, **kw):
+    t = d["text_config"]
+    full = str(t["layer_types"].index(FULL))
+    plc = t.setdefault("per_layer_config", {})
+    plc.setdefault(full, {}).update(kw)
+
+
+CASES = {
+    # name: (family, edit, field named in the message, assistant value, target value)
+    "vocab_size": ("e2b", lambda d: d["text_config"].update(vocab_size=256), "vocab_size", "256", "512"),
+    "backbone_hidden_size": ("moe", lambda d: d.update(backbone_hidden_size=48), "backbone_hidden_size", "48", "64"),
+    "sliding_head_dim": (
+        "dense",
+        lambda d: d["text_config"].update(head_dim=8),
+        "sliding_attention head_dim",
+        "8",
+        "16",
+    ),
+    "full_head_dim": ("e2b", lambda d: _set_full(d, head_dim=64), "full_attention head_dim", "64", "32"),
+    "sliding_kv_heads": (
+        "e2b",
+        lambda d: (d["text_config"].update(num_key_value_heads=1), _set_full(d, num_key_value_heads=2)),
+        "sliding_attention num_key_value_heads",
+        "1",
+        "2",
+    ),
+    "full_kv_heads": (
+        "moe",
+        lambda d: _set_full(d, num_key_value_heads=2),
+        "full_attention num_key_value_heads",
+        "2",
+        "1",
+    ),
+    "k_eq_v_missing": (
+        "dense",
+        lambda d: d["text_config"].update(attention_k_eq_v=False),
+        "attention_k_eq_v",
+        "False",
+        "True",
+    ),
+    "k_eq_v_extra": (
+        "e2b",
+        lambda d: d["text_config"].update(attention_k_eq_v=True),
+        "attention_k_eq_v",
+        "True",
+        "False",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compatibility_errors(saved, tmp_path, case):
+    family, edit, field, a_val, t_val = CASES[case]
+    tdir, adir = saved(family)
+    target = minimtp.load_target(tdir)
+    bad = edited_assistant(adir, tmp_path / "a", edit)
+    with pytest.raises(minimtp.CompatibilityError) as e:
+        minimtp.load_assistant(bad, target)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert field in msg and bad in msg, msg
+    # both values named, the assistant's first ("is X in the assistant but Y in the target")
+    assert f"is {a_val} in the assistant" in msg and f"{t_val} in the target" in msg, msg
+    # the unedited pair is fine
+    check_pair(target.config, load_assistant_config(adir))
+
+
+def test_assistant_of_another_family(saved):
+    target = minimtp.load_target(saved("e2b")[0])
+    with pytest.raises(minimtp.CompatibilityError) as e:
+        minimtp.load_assistant(saved("moe")[1], target)
+    assert "\n" not in str(e.value) and "in the target" in str(e.value)
+
+
+def test_engine_rejects_mismatched_pair(saved):
+    e2b = minimtp.load_target(saved("e2b")[0])
+    moe = minimtp.load_target(saved("moe")[0])
+    assistant = minimtp.load_assistant(saved("moe")[1], moe)
+    with pytest.raises(minimtp.CompatibilityError) as e:
+        minimtp.Engine(e2b, assistant)
+    assert "\n" not in str(e.value)
+
+
+def test_target_dir_as_assistant(saved):
+    target = minimtp.load_target(saved("e2b")[0])
+    with pytest.raises(minimtp.ConfigError) as e:
+        minimtp.load_assistant(saved("e2b")[0], target)
+    msg = str(e.value)
+    assert "\n" not in msg and "gemma4_text" in msg and "assistant" in msg, msg
+
+
+def test_assistant_missing_tensor(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = minimtp.load_target(saved("e2b")[0])
+    dst = str(tmp_path / "a")
+    shutil.copytree(saved("e2b")[1], dst)
+    f = os.path.join(dst, "model.safetensors")
+    sd = load_file(f)
+    del sd["pre_projection.weight"]
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(minimtp.CheckpointError) as e:
+        minimtp.load_assistant(dst, target)
+    msg = str(e.value)
+    assert "\n" not in msg and "pre_projection.weight" in msg and "(32, 128)" in msg, msg
+
+
+def test_dtype_follows_target(saved):
+    target = minimtp.load_target(saved("dense")[0], dtype=torch.bfloat16)
+    a = minimtp.load_assistant(saved("dense")[1], target)
+    assert a.pre_projection.weight.dtype == torch.bfloat16
+    a32 = minimtp.load_assistant(saved("dense")[1], target, dtype="float32")
+    assert a32.pre_projection.weight.dtype == torch.float32
+    e2b = minimtp.load_assistant(saved("e2b")[1], minimtp.load_target(saved("e2b")[0]), dtype="bf16")
+    assert e2b.masked_embedding.token_ordering.dtype == torch.int64  # integer buffers keep their dtype

@@ -7,7 +7,9 @@ The tutorials live next to the package, not under ``docs/``, so that they run as
   ``include: ["tutorials/*.py"]``, then renders it as a notebook; the hook runs before it);
 * appends a "Tutorials" nav section listing them in file-name order, unless ``mkdocs.yml``'s nav already has a
   section of that name (then the explicit list wins);
-* watches the folder under ``mkdocs serve``.
+* watches the folder under ``mkdocs serve``;
+* puts the pages in ``OPTIONAL_PAGES`` into their nav section once their file exists (pages written in parallel
+  with the rest of the site; a nav entry for a missing file would fail the strict build).
 
 So adding a tutorial is: drop ``tutorials/NN_topic.py`` (first markdown cell ``# Title``) and rebuild.
 """
@@ -20,6 +22,8 @@ from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
 SECTION = "Tutorials"
+# section -> [(title, path under docs/)], appended to that nav section when the file exists and is not listed yet.
+OPTIONAL_PAGES = {"Concepts": [("Triton kernels", "concepts/kernels.md")]}
 
 
 def _tutorial_dir(config) -> Path:
@@ -31,7 +35,21 @@ def _tutorials(config) -> list[Path]:
     return sorted(p for p in d.glob("*.py") if not p.name.startswith("_")) if d.is_dir() else []
 
 
+def _add_optional_pages(config) -> None:
+    docs = Path(config.docs_dir)
+    for section, pages in OPTIONAL_PAGES.items():
+        entries = next((item[section] for item in config.nav if isinstance(item, dict) and section in item), None)
+        if entries is None:
+            continue
+        listed = {e if isinstance(e, str) else next(iter(e.values())) for e in entries}
+        for title, path in pages:
+            if (docs / path).is_file() and path not in listed:
+                entries.append({title: path})
+
+
 def on_config(config):
+    if config.nav is not None:
+        _add_optional_pages(config)
     paths = _tutorials(config)
     nav = config.nav
     if not paths or nav is None:

@@ -102,15 +102,41 @@ def apply_min_p(x: torch.Tensor, min_p: float) -> torch.Tensor:
     return x.masked_fill(p < min_p * p.amax(-1, keepdim=True), -math.inf)
 
 
-def _check_logits(x: torch.Tensor) -> None:
-    """NaN anywhere, or a row with no finite-or-+inf logit, has no distribution: refuse it (one host sync)."""
-    bad = torch.isnan(x).any(-1) | torch.isneginf(x).all(-1)
+def _special_rows(x: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
+    """Slow path for rows whose max is not finite. NaN, or -inf everywhere, has no distribution: refuse it.
+    A row with +inf logits becomes 0 at the +inf tokens and -inf elsewhere (the limit of its softmax)."""
+    bad = x_max.isnan() | (x_max == -math.inf)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        if bool(torch.isnan(x[row]).any()):
-            col = int(torch.isnan(x[row]).nonzero()[0, 0])
-            raise GenerationError(f"logits row {row} has NaN at token {col}: the model produced invalid values")
+        nan = torch.isnan(x[row]).nonzero()
+        if len(nan):
+            raise GenerationError(
+                f"logits row {row} has NaN at token {int(nan[0, 0])}: the model produced invalid values"
+            )
         raise GenerationError(f"logits row {row} is -inf for every token: no token can be sampled")
+    return torch.where(x_max == math.inf, torch.where(torch.isposinf(x), 0.0, -math.inf), x)
+
+
+def _top_k_survivors(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, V] -> [N, m] ids of the tokens with x >= (k-th largest x), m = k plus the most ties in any row,
+    in token-id order (rows with fewer survivors are padded with ids that top-k then masks)."""
+    vals, idx = torch.topk(x, k, dim=-1)
+    m = int((x >= vals[..., -1:]).sum(-1).max())
+    if m > k:
+        idx = torch.topk(x, m, dim=-1).indices
+    return idx.sort(-1).values
+
+
+def _filter(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """temperature -> top-k -> top-p -> min-p -> softmax, on logits [N, V'] (all of V, or the top-k slice)."""
+    x = apply_temperature(x, params.temperature)
+    if params.top_k:
+        x = apply_top_k(x, params.top_k)
+    if params.top_p is not None and params.top_p < 1.0:
+        x = apply_top_p(x, params.top_p)
+    if params.min_p:
+        x = apply_min_p(x, params.min_p)
+    return torch.softmax(x, -1)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -120,34 +146,22 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     float64 logits stay float64, which the exact-enumeration tests use). A -inf logit gets p = 0; in a
     row with +inf logits, the +inf tokens share the mass equally (the limit of the softmax).
     Greedy (T = 0) returns the one-hot argmax (lowest token id on ties).
+    With top_k set, the survivors (>= k-th largest logit) are gathered first and the whole pipeline runs on
+    that [N, k(+ties)] slice: identical math (T > 0 is monotone, so top-k picks the same tokens before or
+    after dividing, up to ties that the rounding of the division could create), and no sort over all V.
     Raises GenerationError on NaN logits, an all -inf row, or invalid params.
     """
     params.validate()
     x = logits.double() if logits.dtype == torch.float64 else logits.float()
-    _check_logits(x)
-    posinf = torch.isposinf(x)
-    x = torch.where(posinf.any(-1, keepdim=True), torch.where(posinf, 0.0, -math.inf), x)
+    x_max = x.amax(-1, keepdim=True)  # NaN if the row has a NaN
+    if not bool(torch.isfinite(x_max).all()):  # the only host sync on the common path
+        x = _special_rows(x, x_max)
     if params.is_greedy:
         return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
-    x = apply_temperature(x, params.temperature)
     if params.top_k and params.top_k < x.shape[-1]:
-        x = apply_top_k(x, params.top_k)
-        # top-p / min-p only see the <= k survivors (more on ties): filter a compact [N, m] slice instead of
-        # sorting all V logits (Gemma's default is top_k=64, top_p=0.95 over V = 262,144).
-        m = int(torch.isfinite(x).sum(-1).max())
-        idx = torch.topk(x, m, dim=-1).indices.sort(-1).values  # survivors, in token-id order
-        x = torch.full_like(x, -math.inf).scatter(-1, idx, _top_p_min_p(x.gather(-1, idx), params))
-    else:
-        x = _top_p_min_p(x, params)
-    return torch.softmax(x, -1)
-
-
-def _top_p_min_p(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    if params.top_p is not None and params.top_p < 1.0:
-        x = apply_top_p(x, params.top_p)
-    if params.min_p:
-        x = apply_min_p(x, params.min_p)
-    return x
+        idx = _top_k_survivors(x, params.top_k)
+        return torch.zeros_like(x).scatter(-1, idx, _filter(x.gather(-1, idx), params))
+    return _filter(x, params)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,5 +210,5 @@ def sample(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     never win, even if every ratio underflows to 0. Float ops: one elementwise division, then argmax (lowest id
     on ties) - no reductions whose order could change the result.
     """
-    score = torch.where(probs > 0, probs / noise, -1.0)
+    score = torch.where(probs > 0, probs / noise.to(probs.device), -1.0)
     return score.argmax(-1)

@@ -104,7 +104,7 @@ def verify_greedy(
     Returns out_ids [B, K+1] (-1 padded) and num_emitted = accepted + 1.
     """
     B, K = draft_ids.shape
-    num_drafts = num_drafts.clamp(0, K)
+    draft_ids, num_drafts = draft_ids.to(target_logits.device), num_drafts.to(target_logits.device).clamp(0, K)
     top = target_logits.argmax(-1)  # [B, K+1]
     valid = torch.arange(K, device=draft_ids.device) < num_drafts[:, None]
     n_acc = _leading_true((draft_ids == top[:, :K]) & valid)
@@ -134,8 +134,10 @@ def verify(
     B, K1, V = target_probs.shape
     K = K1 - 1
     assert draft_ids.shape == (B, K) and uniforms.shape == (B, K) and noise.shape == (B, V)
-    rows = torch.arange(B, device=target_probs.device)
-    num_drafts = num_drafts.clamp(0, K)
+    dev = target_probs.device
+    rows = torch.arange(B, device=dev)
+    draft_ids, num_drafts = draft_ids.to(dev), num_drafts.to(dev).clamp(0, K)
+    uniforms, noise = uniforms.to(dev), noise.to(dev)  # drawn on the CPU (sampling.draw_*)
 
     # 1. acceptance of every draft position at once
     valid = (torch.arange(K, device=draft_ids.device) < num_drafts[:, None]) & (draft_ids >= 0) & (draft_ids < V)

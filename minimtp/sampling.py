@@ -18,6 +18,7 @@ argmax_i p_i / E_i with E_i ~ Exp(1), which picks i with probability p_i / sum(p
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ class SamplingParams:
         if not _is_real(t) or not (math.isfinite(t) and t >= 0):
             raise GenerationError(f"temperature={t!r} is invalid: expected a finite number >= 0 (0 = greedy)")
         k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
             raise GenerationError(f"top_k={k!r} is invalid: expected an integer >= 0 (0 or None = off)")
         p = self.top_p
         if p is not None and (not _is_real(p) or not (0 < p <= 1)):
@@ -63,7 +64,7 @@ class SamplingParams:
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------------------------------------------------

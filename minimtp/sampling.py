@@ -9,9 +9,14 @@ Processing order (fixed, the same as transformers' warpers, `generation/utils.py
     logits --(float32; +inf rows -> their +inf tokens)--> / temperature --> top-k --> top-p --> min-p
            --> softmax (renormalise over the kept tokens)
 
+Ties: top-k keeps every token tied with the k-th value (as transformers); top-p breaks ties at its cut-off
+by token id, lowest first (transformers keeps whichever its unstable sort put first), so the result is
+deterministic on every device.
+
 Randomness is passed in, never drawn inside: `draw_uniforms` / `draw_exponentials` use one CPU
 `torch.Generator` per sequence (`make_generators`), so a sequence's tokens depend only on its own seed,
-never on which other sequences share the batch. `sample` is the exponential race
+never on which other sequences share the batch - provided the caller draws the same count for it whatever
+the batch (e.g. k = the configured number of drafts, not the batch's current maximum). `sample` is the exponential race
 argmax_i p_i / E_i with E_i ~ Exp(1), which picks i with probability p_i / sum(p) and needs no normalisation.
 """
 

@@ -1,0 +1,166 @@
+"""minimtp.train: tokenizer, a tiny pre-training run, a tiny distillation, and the shipped default pair."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from minimtp import train
+from minimtp.assistant import Gemma4Assistant
+from minimtp.model import Gemma4
+
+DEFAULT = os.path.join(os.path.dirname(train.__file__), "default_model")
+TARGET_DIR, ASSISTANT_DIR = os.path.join(DEFAULT, "target"), os.path.join(DEFAULT, "assistant")
+CODE = 'def f(x):\n\t"""Tabs, ünïcode, 日本語 and emoji 🐍."""\n    return  x ** 2   # trailing  \n\n\n'
+
+TINY_TARGET = [
+    "--max-files", "12", "--vocab", "400", "--hidden", "32", "--intermediate", "64", "--layers", "3",
+    "--pattern", "sf", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--global-head-dim", "32",
+    "--window", "16", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--warmup", "5",
+    "--eval-every", "20", "--eval-batches", "2", "--threads", "1", "--chat-frac", "0.2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny target trained from scratch through the CLI (tokenizer + data + 40 steps + export)."""
+    run = str(tmp_path_factory.mktemp("tiny") / "target")
+    train.main(["target", "--out", run, "--steps", "40", *TINY_TARGET])
+    return run
+
+
+def _log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_training_reduces_loss_and_exports(tiny_run):
+    recs = _log(tiny_run)
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3
+    assert recs[0]["loss"] == pytest.approx(torch.log(torch.tensor(400.0)).item(), abs=0.3)  # 0.02 init ≈ uniform
+    assert last < first - 0.5, (first, last)
+    assert "val_loss" in recs[-1] and os.path.isfile(os.path.join(tiny_run, "report.png"))
+    final = os.path.join(tiny_run, "final")
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(final, name)), name
+    model = train.load_target(final)
+    x = train.Batches(os.path.join(tiny_run, "data"), "val", 2, 64, 0, 0.0).get(0)
+    assert train.lm_loss(model, x, "fp32").item() == pytest.approx(recs[-1]["val_loss"], abs=0.6)
+
+
+def test_resume_continues_from_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "resumed")
+    shutil.copytree(tiny_run, run)
+    train.main(["target", "--out", run, "--steps", "43", "--resume", *TINY_TARGET])
+    recs = _log(run)
+    assert [r["step"] for r in recs[-3:]] == [41, 42, 43] and len(recs) == 43
+
+
+def test_tiny_distillation_raises_acceptance(tiny_run, tmp_path):
+    final = os.path.join(tiny_run, "final")
+    target = train.load_target(final)
+    tok = train.load_tokenizer(final)
+    prompts = [tok.encode(p).ids for p in ("def main():\n", "import os\n", "class A:\n    def f(self):\n")]
+    run = str(tmp_path / "asst")
+    args = ["assistant", "--out", run, "--target", final, "--max-files", "12", "--hidden", "32"]
+    args += ["--intermediate", "64", "--layers", "2", "--heads", "2", "--steps", "40", "--batch-size", "4"]
+    args += ["--seq-len", "64", "--lr", "1e-2", "--warmup", "5", "--eval-every", "20", "--eval-batches", "1"]
+    args += ["--draft-steps", "3", "--threads", "1"]
+    train.main(args)
+    trained = train.load_assistant_dir(os.path.join(run, "final"))
+    untrained = Gemma4Assistant(trained.config)
+    train.init_weights(untrained)
+    before = train.measure_acceptance(target, untrained.eval(), prompts, 24, 3)
+    after = train.measure_acceptance(target, trained, prompts, 24, 3)
+    assert after["acceptance_rate"] > before["acceptance_rate"] + 0.2, (before, after)
+    recs = _log(run)
+    assert recs[-1]["val_top1_1"] > 0.3
+
+
+def test_simulate_rounds():
+    seq = [5, 6, 7, 8, 9, 10]
+    drafts = torch.tensor([[6, 7], [7, 0], [8, 9], [0, 0], [10, 11], [0, 0]])
+    # from c=0: drafts 6,7 both right (n=2) -> c=3; drafts 0 wrong (n=0) -> c=4; draft 10 right, end -> stop
+    assert train.simulate_rounds(seq, drafts, 0, 2) == [2, 0, 1]
+
+
+def test_tokenizer_roundtrip_tiny(tmp_path):
+    _, texts, _ = train.read_corpus(max_files=8)
+    train.train_tokenizer(texts, 300, str(tmp_path))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok(CODE).input_ids
+    assert ids[0] == train.BOS and tok.decode(ids, skip_special_tokens=True) == CODE
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------- shipped pair
+
+shipped = pytest.mark.skipif(not os.path.isfile(os.path.join(TARGET_DIR, "model.safetensors")), reason="no pair")
+
+
+@shipped
+def test_shipped_tokenizer():
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = AutoTokenizer.from_pretrained(TARGET_DIR)
+    for text in (CODE, "import os\nprint(os.getcwd())\n", "x = {'a': [1, 2.5e-3]}\r\n\tpass"):
+        ids = tok(text).input_ids
+        assert ids[0] == 2 and tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == train.SPECIAL_TOKENS
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Sort a list"}], add_generation_prompt=True, tokenize=False
+    )
+    assert chat == "<bos><start_of_turn>user\nSort a list<end_of_turn>\n<start_of_turn>model\n"
+    raw = PreTrainedTokenizerFast(tokenizer_file=os.path.join(TARGET_DIR, "tokenizer.json"))
+    assert raw(CODE).input_ids == tok(CODE).input_ids
+    with open(os.path.join(TARGET_DIR, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [1, 4]
+    with open(os.path.join(ASSISTANT_DIR, "generation_config.json")) as f:
+        assert json.load(f)["num_assistant_tokens"] >= 1
+
+
+def _greedy_full(fn, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(fn(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
+@shipped
+def test_shipped_target_matches_transformers():
+    from transformers import Gemma4ForCausalLM
+
+    hf = Gemma4ForCausalLM.from_pretrained(TARGET_DIR, dtype=torch.float32).eval()
+    ours = train.load_target(TARGET_DIR, torch.float32)
+    assert isinstance(ours, Gemma4) and ours.config.final_logit_softcapping == 30.0
+    tok = train.load_tokenizer(TARGET_DIR)
+    prompts = ["def fibonacci(n):\n", "import os\nimport sys\n", "class Stack:\n    def __init__(self):\n"]
+    with torch.no_grad():
+        x = torch.tensor([tok.encode(prompts[0]).ids])
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=2e-3, rtol=1e-3)
+        for p in prompts:
+            ids = tok.encode(p).ids
+            a = _greedy_full(lambda t: hf(t).logits, ids, 20)
+            b = _greedy_full(ours, ids, 20)
+            assert a == b, (p, a, b)
+            assert train.greedy_generate(ours, ids, 20) == b  # the cached decoding loop agrees too
+
+
+@shipped
+def test_shipped_pair_acceptance():
+    from minimtp.assistant import load_assistant
+
+    target = train.load_target(TARGET_DIR, torch.float32)
+    asst = load_assistant(ASSISTANT_DIR, target)  # validates the pair (KV layout, hidden size, vocab)
+    tok = train.load_tokenizer(TARGET_DIR)
+    prompts = [tok.encode(p).ids for p in train.DEFAULT_PROMPTS[:3]]
+    res = train.measure_acceptance(target, asst, prompts, 32, asst.config.num_assistant_tokens)
+    assert res["acceptance_rate"] > 0.3, res

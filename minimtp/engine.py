@@ -200,9 +200,9 @@ class Engine:
         )
         return self.target.run(tok, pos, ctx, logit_rows="all"), cu.tolist()
 
-    def _draft(self, cache: KVCache, seqs: list[_Seq], k: int, params: SamplingParams, gens):
-        """k drafting steps for every sequence at its constant position p = cache_len. Returns draft ids ``[B, k]``
-        and, in sample mode, the processed drafter distributions q' ``[B, k, V]`` (else None)."""
+    def _draft(self, cache: KVCache, seqs: list[_Seq], ks: list[int], params: SamplingParams, gens):
+        """max(ks) drafting steps for every sequence at its constant position p = cache_len. Returns draft ids
+        ``[B, K]`` and, in sample mode, the processed drafter distributions q' ``[B, K, V]`` (else None)."""
         dev = self.device
         ids = [s.idx for s in seqs]
         p = torch.tensor([s.cache_len for s in seqs], device=dev)
@@ -213,11 +213,16 @@ class Engine:
         hidden = torch.stack([s.hidden for s in seqs])
         drafts, qs = [], []
         sampled = self.draft_mode == "sample" and not params.is_greedy
-        for _ in range(k):
+        for j in range(max(ks)):
             logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx)
             if sampled:
                 q = process_logits(logits, params)
-                last = sample(q, draw_exponentials(gens, q.shape[-1]))
+                # only sequences that use step j draw from their generator: a sequence's random stream never
+                # depends on its batchmates (the others get dummy noise; their step-j drafts are discarded)
+                noise = torch.ones_like(q)
+                use = [b for b, kb in enumerate(ks) if kb > j]
+                noise[use] = draw_exponentials([gens[b] for b in use], q.shape[-1]).to(q.device)
+                last = sample(q, noise)
                 qs.append(q)
             else:
                 last = logits.argmax(-1)
@@ -298,7 +303,7 @@ class Engine:
         q = None
         t0 = time.perf_counter()
         if K > 0:
-            drafts, q = self._draft(cache, active, K, params, [gens[s.idx] for s in active])
+            drafts, q = self._draft(cache, active, ks, params, [gens[s.idx] for s in active])
         drafts_l = drafts.tolist()
         t1 = time.perf_counter()
         out, cu = self._target_forward(
@@ -316,7 +321,7 @@ class Engine:
         else:
             g = [gens[s.idx] for s in active]
             probs = process_logits(logits.view(B * (K + 1), V), params).view(B, K + 1, V)
-            ids, n_emit = self.verify(probs, drafts, q, num_drafts, draw_uniforms(g, K), draw_exponentials(g, V))
+            ids, n_emit = self.verify(probs, drafts, q, num_drafts, draw_uniforms(g, k)[:, :K], draw_exponentials(g, V))
         ids_l, n_l = ids.tolist(), n_emit.tolist()
         for b, s in enumerate(active):
             n_acc = n_l[b] - 1

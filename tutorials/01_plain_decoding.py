@@ -22,7 +22,7 @@ import minimtp
 from minimtp.sampling import SamplingParams, draw_exponentials, make_generators, process_logits, sample
 
 torch.manual_seed(0)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 
 # %% [markdown]
 # ## The model

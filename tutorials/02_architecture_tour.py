@@ -23,7 +23,7 @@ from _tiny import tiny_target
 from minimtp.config import FULL, SLIDING
 from minimtp.model import DenseContext, rope_inv_freq
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 target = tiny_target(seed=0, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16, mix=1.0)
 cfg = target.config
 print(f"V={cfg.vocab_size} H={cfg.hidden_size} L={cfg.num_layers} query heads={cfg.num_heads}")

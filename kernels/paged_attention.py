@@ -32,6 +32,28 @@ import torch
 import triton
 import triton.language as tl
 
+
+def ensure_interpretable_stdlib() -> None:
+    """Make Triton's own ``@triton.jit`` helpers (``tl.sum``, ``tl.max``, ``tl.cdiv``, ...) callable under the
+    interpreter.
+
+    ``@triton.jit`` decides between compiled and interpreted *when it decorates*. If ``triton`` was imported
+    before ``TRITON_INTERPRET=1`` was set — ``torch._dynamo`` (pulled in by transformers) imports it — our kernels
+    are interpreted but Triton's standard library stays compiled-mode, and the first ``tl.sum`` raises "Cannot
+    call @triton.jit'd outside of the scope of a kernel". Re-wrap those helpers (interpreter mode only)."""
+    if not triton.knobs.runtime.interpret:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for module in (tl, tl.core, tl.standard, tl.math, tl.random):
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                setattr(module, name, InterpretedFunction(obj.fn))
+
+
+ensure_interpretable_stdlib()
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16  # at most this many KV segments per (query tile, KV head)
 MAX_SPLIT_Q_LEN = 16  # split only decode / verify shapes (mean q_len <= this): partials are [S, T, Hq, D] fp32
@@ -101,7 +123,7 @@ def _paged_attention_kernel(
     SLIDING: tl.constexpr,  # window > 0
     SPLIT: tl.constexpr,  # write partial results for _reduce_segments_kernel
     UPCAST: tl.constexpr,  # compute in fp32 (bf16 under the interpreter)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else the default
+    DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32 inputs (fp32 accuracy on tensor cores)
 ):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -213,24 +235,33 @@ def _reduce_segments_kernel(
     stride_oh,
     HEAD_D: tl.constexpr,
     HEAD_D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # next_pow2(num_splits)
+    BLOCK_H: tl.constexpr,  # query heads per program
 ):
-    """Merge the segments of one (token, query head): ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``."""
+    """Merge the segments of one token (BLOCK_H of its heads) with the same online-softmax update as the main
+    loop: ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``; empty segments have m = -inf, l = 0."""
     tok = tl.cast(tl.program_id(0), tl.int64)
-    head = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < num_splits
-    part = (s * num_tokens + tok) * num_q_heads + head
-    m = tl.load(seg_m_ptr + part, mask=s_ok, other=float("-inf"))
-    l = tl.load(seg_l_ptr + part, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty segments (m = -inf) weigh 0
+    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = head < num_q_heads
     d = tl.arange(0, HEAD_D_PAD)
-    d_ok = d < HEAD_D
-    acc = tl.load(seg_out_ptr + part[:, None] * HEAD_D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    total = tl.sum(w * l, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    io_mask = h_ok[:, None] & (d < HEAD_D)[None, :]
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_D_PAD], tl.float32)
+    for s in range(0, num_splits):
+        part = (s * num_tokens + tok) * num_q_heads + head
+        m = tl.load(seg_m_ptr + part, mask=h_ok, other=float("-inf"))
+        l = tl.load(seg_l_ptr + part, mask=h_ok, other=0.0)
+        a = tl.load(seg_out_ptr + part[:, None] * HEAD_D + d[None, :], mask=io_mask, other=0.0)
+        m_new = tl.maximum(m_i, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        beta = tl.exp2(m - m_safe)
+        l_i = l_i * alpha + l * beta
+        acc = acc * alpha[:, None] + a * beta[:, None]
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,11 +269,19 @@ def _reduce_segments_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch_config(head_dim: int, interpret: bool) -> dict:
-    """Tile sizes and launch options per head dim. Under the interpreter the cost is ~4 ms per program plus
-    ~5 ms per loop iteration whatever the tile size, so it gets big query tiles (few programs)."""
+def _launch_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes and launch options. Under the interpreter the cost is ~4 ms per program plus ~5 ms per loop
+    iteration whatever the tile size, so it gets big query tiles (few programs). On the GPU the tiles are sized
+    so that every variant fits the shared memory of sm_80 (163 KiB) and sm_90 (227 KiB), checked by
+    tests/test_kernel_compile.py; fp32 operands are 4 bytes and tf32x3 splits them, so fp32 gets smaller tiles."""
     if interpret:
         return {"tile_n": 32, "max_rows": 128, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        if head_dim <= 128:
+            return {"tile_n": 32, "max_rows": 64, "num_warps": 4, "num_stages": 2}
+        if head_dim <= 256:
+            return {"tile_n": 16, "max_rows": 32, "num_warps": 4, "num_stages": 1}
+        return {"tile_n": 16, "max_rows": 16, "num_warps": 8, "num_stages": 1}
     if head_dim <= 128:
         return {"tile_n": 64, "max_rows": 64, "num_warps": 4, "num_stages": 2}
     if head_dim <= 256:
@@ -298,8 +337,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Triton twin of :func:`minimtp.attention.paged_attention` (same arguments, same result).
 
-    ``q [T, Hq, D]`` and the caches ``[num_blocks, block_size, Hkv, D]`` must have a contiguous last dim (other
-    strides are free); ``block_tables [B, max_blocks]``, ``seq_lens [B]`` and ``cu_q_lens [B + 1]`` are int32.
+    The caches ``[num_blocks, block_size, Hkv, D]`` must have a contiguous last dim (other strides are free;
+    a ``q [T, Hq, D]`` without one is copied); ``block_tables [B, max_blocks]``, ``seq_lens [B]`` and
+    ``cu_q_lens [B + 1]`` are int32.
     No host synchronisation: launch shapes depend on tensor shapes only.
 
     Keyword-only tuning knobs (tests, benchmarks): ``num_splits`` (None = automatic, 1 = never split,
@@ -312,8 +352,10 @@ def paged_attention(
         raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
     if Hq % Hkv != 0:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
-    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(2) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous last (head_dim) dimension")
+    if q.stride(2) != 1:
+        q = q.contiguous()
     if k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache strides {k_cache.stride()} != v_cache strides {v_cache.stride()}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
@@ -325,7 +367,7 @@ def paged_attention(
         return out
 
     interpret = bool(triton.knobs.runtime.interpret)
-    cfg = _launch_config(D, interpret)
+    cfg = _launch_config(D, q.dtype, interpret)
     tile_n = tile_n or cfg["tile_n"]
     group = Hq // Hkv
     q_per_seq = triton.cdiv(T, B)
@@ -381,12 +423,14 @@ def paged_attention(
         SLIDING=window > 0,
         SPLIT=split,
         UPCAST=interpret and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     if split:
-        _reduce_segments_kernel[(T, Hq)](
+        d_pad = max(16, _next_pow2(D))
+        block_h = _next_pow2(Hq) if interpret else min(_next_pow2(Hq), max(1, 2048 // d_pad))
+        _reduce_segments_kernel[(T, triton.cdiv(Hq, block_h))](
             out,
             seg_out,
             seg_m,
@@ -397,8 +441,8 @@ def paged_attention(
             out.stride(0),
             out.stride(1),
             HEAD_D=D,
-            HEAD_D_PAD=max(16, _next_pow2(D)),
-            SPLITS_PAD=_next_pow2(num_splits),
+            HEAD_D_PAD=d_pad,
+            BLOCK_H=block_h,
             num_warps=4,
         )
     return out

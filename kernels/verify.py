@@ -31,6 +31,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from minimtp.kernels.paged_attention import ensure_interpretable_stdlib
+
+ensure_interpretable_stdlib()  # triton may have been imported before TRITON_INTERPRET was set
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels

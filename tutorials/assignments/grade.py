@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""Grade an assignment with the project's property tests.
+
+    python tutorials/assignments/grade.py <assignment> path/to/student.py
+    python tutorials/assignments/grade.py --list
+
+Prints one line per test (PASS / FAIL / WARN), with a hint for every failure, and exits 0 iff every required test
+passed. WARN marks an advisory check (it does not fail the grade).
+
+Distribution checks are exact where the randomness can be integrated analytically (acceptance as a function of
+u ~ U[0,1): the accepted set must be exactly [0, min(1, p(x)/q(x))) whatever the other random inputs are), and
+otherwise seeded Pearson χ² goodness-of-fit tests at significance α = 1e-4 each (cells with expected count < 5
+pooled): a correct solution fails one with probability 1e-4, and since the seeds are fixed, the grade of a given
+file is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tutorials/, for _tiny
+
+import torch  # noqa: E402
+
+from minimtp.sampling import (  # noqa: E402
+    SamplingParams,
+    draw_exponentials,
+    draw_uniforms,
+    make_generators,
+    process_logits,
+    sample,
+)
+
+ALPHA = 1e-4  # significance of every χ² test
+warnings.filterwarnings("ignore", category=RuntimeWarning)  # the Triton interpreter evaluates masked-off lanes
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass
+class Test:
+    name: str
+    fn: Callable
+    hint: str
+    required: bool = True
+
+
+TESTS: dict[str, list[Test]] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def test(assignment: str, hint: str, required: bool = True):
+    def deco(fn):
+        TESTS.setdefault(assignment, []).append(Test(fn.__name__, fn, hint, required))
+        return fn
+
+    return deco
+
+
+def load(path: str):
+    """Import a student file as a fresh module (its own name, so several files can be graded in one process)."""
+    name = "graded_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    mod.__source__ = open(path, encoding="utf-8").read()
+    return mod
+
+
+def grade(assignment: str, path: str, out=sys.stdout) -> bool:
+    torch.set_num_threads(1)
+    print(f"Grading {path} as assignment '{assignment}'", file=out)
+    try:
+        mod = load(path)
+    except Exception as e:  # a syntax error etc.: report, do not crash
+        print(f"  [FAIL] import: {type(e).__name__}: {e}", file=out)
+        return False
+    passed = failed = warned = 0
+    for t in TESTS[assignment]:
+        t0 = time.perf_counter()
+        try:
+            t.fn(mod)
+            status, msg = "PASS", ""
+        except NotImplementedError as e:
+            status, msg = "FAIL", f"not implemented yet ({e or 'a TODO is left'})"
+        except AssertionError as e:
+            status, msg = "FAIL", str(e) or "assertion failed"
+        except Exception as e:
+            tb = traceback.extract_tb(e.__traceback__)
+            where = next((f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(tb) if f.filename == path), "")
+            status, msg = "FAIL", f"{type(e).__name__}: {e}" + (f" (at {where})" if where else "")
+        if status == "FAIL" and not t.required:
+            status = "WARN"
+        dt = time.perf_counter() - t0
+        print(f"  [{status}] {t.name} ({dt:.1f}s)" + (f": {msg}" if msg else ""), file=out)
+        if status != "PASS":
+            print(f"         hint: {t.hint}", file=out)
+        passed += status == "PASS"
+        failed += status == "FAIL"
+        warned += status == "WARN"
+    ok = failed == 0
+    print(f"{'PASSED' if ok else 'FAILED'}: {passed} passed, {failed} failed, {warned} advisory warnings", file=out)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(χ²_df > x) = Q(df/2, x/2) (regularised upper incomplete gamma)."""
+    if df <= 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2.0)))
+
+
+def chi2_test(counts: torch.Tensor, probs: torch.Tensor, what: str) -> None:
+    """Pearson χ² goodness of fit at level ALPHA; any count in a zero-probability cell fails outright."""
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    n = float(counts.sum())
+    support = probs > 0
+    outside = int(counts[~support].sum())
+    assert outside == 0, f"{what}: {outside} samples are tokens of probability 0"
+    c, e = counts[support], probs[support] / probs[support].sum() * n
+    order = torch.argsort(e)
+    c, e = c[order], e[order]
+    small = int((e < 5).sum())
+    if small:
+        c = torch.cat([c[:small].sum()[None], c[small:]])
+        e = torch.cat([e[:small].sum()[None], e[small:]])
+        if e[0] < 5 and len(e) > 1:
+            c = torch.cat([c[:2].sum()[None], c[2:]])
+            e = torch.cat([e[:2].sum()[None], e[2:]])
+    stat = float(((c - e) ** 2 / e).sum())
+    pv = chi2_sf(stat, len(e) - 1)
+    if pv < ALPHA:
+        freq = (counts / n).view(-1)[:8].tolist()
+        want = (probs / probs.sum()).view(-1)[:8].tolist()
+        raise AssertionError(
+            f"{what}: χ² = {stat:.1f}, df {len(e) - 1}, p-value {pv:.1e} < α = {ALPHA:g}; "
+            f"observed {[round(v, 3) for v in freq]} expected {[round(v, 3) for v in want]}"
+        )
+
+
+# =========================================================================================== spec_sampling
+
+DESCRIPTIONS["spec_sampling"] = "the speculative sampling rule: propose() and verify()"
+SP = "spec_sampling"
+
+
+def _case(V, K, seed, params, agree=1.0):
+    """Target rows P [K+1, V] (processed) and raw draft logits Zq [K, V] that roughly agree with them."""
+    g = torch.Generator().manual_seed(seed)
+    zp = 1.5 * torch.randn(K + 1, V, generator=g)
+    zq = agree * zp[:K] + torch.randn(K, V, generator=g)
+    return process_logits(zp, params), zq
+
+
+def _round(mod, P, Zq, params, mode, N, seed):
+    """N independent rounds of propose (K positions) + verify, with context-free rows: [N, K+1] ids, [N] emitted."""
+    K1, V = P.shape
+    K = K1 - 1
+    gens = make_generators(seed, N)
+    ids, qs = [], []
+    for j in range(K):
+        x, q = mod.propose(Zq[j].expand(N, V).clone(), params, mode, draw_exponentials(gens, V))
+        ids.append(torch.as_tensor(x).long().view(N))
+        qs.append(q)
+    draft_ids = torch.stack(ids, 1) if K else torch.zeros(N, 0, dtype=torch.long)
+    q = None if (K == 0 or qs[0] is None) else torch.stack([torch.as_tensor(t).float() for t in qs], 1)
+    out, n = mod.verify(
+        P.expand(N, K1, V).contiguous(),
+        draft_ids,
+        q,
+        torch.full((N,), K, dtype=torch.long),
+        draw_uniforms(gens, K),
+        draw_exponentials(gens, V),
+    )
+    return torch.as_tensor(out), torch.as_tensor(n), draft_ids, q, gens
+
+
+GEMMA_P = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+GEMMA_ZQ = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()
+T1 = SamplingParams(temperature=1.0)
+_P1, _P2, _P3 = SamplingParams(0.7, top_k=4), SamplingParams(1.3, top_p=0.9), SamplingParams(0.5)
+CASES = {  # name: (P, Zq, params, mode, N)
+    "gemma4.md §4.5 example, argmax draft": (GEMMA_P, GEMMA_ZQ, T1, "argmax", 4000),
+    "gemma4.md §4.5 example, sampled draft": (GEMMA_P, GEMMA_ZQ, T1, "sample", 4000),
+    "V=6 k=2 T=0.7 top-k 4, sampled": (*_case(6, 2, 1, _P1), _P1, "sample", 6000),
+    "V=6 k=2 T=1.3 top-p 0.9, argmax": (*_case(6, 2, 2, _P2), _P2, "argmax", 6000),
+    "V=5 k=3 T=0.5, sampled": (*_case(5, 3, 3, _P3), _P3, "sample", 6000),
+}
+
+
+@test(SP, "propose(): 'sample' must return (x, q') with q' = process_logits(draft_logits, params) and x drawn with "
+      "sample(q', noise); 'argmax' returns (argmax of the raw logits, None): a one-hot proposal has no q.")  # fmt: skip
+def propose_api(mod):
+    params = SamplingParams(0.7, top_k=3)
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    noise = draw_exponentials(make_generators(0, 5), 8)
+    x, q = mod.propose(z.clone(), params, "sample", noise)
+    want = process_logits(z, params)
+    assert q is not None and tuple(q.shape) == (5, 8), f"'sample' mode returned q of shape {getattr(q, 'shape', q)}"
+    assert torch.allclose(torch.as_tensor(q).float(), want, atol=1e-6), "q' is not process_logits(logits, params)"
+    assert bool((want.gather(-1, torch.as_tensor(x).long().view(5, 1)) > 0).all()), "a draft outside the support of q'"
+    x, q = mod.propose(z.clone(), params, "argmax", noise)
+    assert q is None, "'argmax' mode must return None for q (the proposal is a point mass)"
+    assert torch.equal(torch.as_tensor(x).long().view(5), z.argmax(-1)), (
+        "'argmax' mode must return argmax of the logits"
+    )
+
+
+@test(SP, "the drafts must be SAMPLED FROM THE q' YOU RETURN: drafting from the raw softmax (ignoring temperature / "
+      "top-k) while the ratio uses the processed q' biases the output (DeepSpec#31, dflash#74).")  # fmt: skip
+def drafts_follow_q(mod):
+    for name in ("V=6 k=2 T=0.7 top-k 4, sampled", "V=5 k=3 T=0.5, sampled"):
+        P, Zq, params, mode, N = CASES[name]
+        gens = make_generators(11, N)
+        x, q = mod.propose(Zq[0].expand(N, -1).clone(), params, "sample", draw_exponentials(gens, P.shape[1]))
+        counts = torch.bincount(torch.as_tensor(x).long().view(-1), minlength=P.shape[1])
+        chi2_test(counts, torch.as_tensor(q)[0].double(), f"{name}: draft frequencies vs the returned q'")
+
+
+@test(SP, "accept x iff u < p(x)/q(x) (sampled drafts) or u < p(x) (argmax drafts, q None): P_u(accept) must be "
+      "min(1, ratio) for every noise row. 'Accept iff x equals a token sampled from p' accepts with the wrong "
+      "probability (mlx-swift-lm#459).")  # fmt: skip
+def acceptance_exact_in_u(mod):
+    """Integrate over u analytically: the accepted set must be [0, r) with r = min(1, ratio), for every noise."""
+    g = torch.Generator().manual_seed(5)
+    V = 6
+    for mode in ("sample", "argmax"):
+        for trial in range(6):
+            p = process_logits(1.5 * torch.randn(2, V, generator=g), T1)
+            q = process_logits(1.5 * torch.randn(1, V, generator=g), T1)
+            x = int(torch.randint(0, V, (1,), generator=g))
+            if trial == 0:
+                p[0, x] = 0.0  # p(x) = 0: never accepted
+                p[0] /= p[0].sum()
+            r = float(p[0, x] if mode == "argmax" else p[0, x] / q[0, x])
+            probes = [0.0, 0.999999 * min(r, 1.0), min(1.0000001 * r, 1.0 - 1e-12) if r < 1 else 1 - 1e-12]
+            probes = sorted({u for u in probes})
+            noise = draw_exponentials(make_generators(trial, 3), V)
+            B = len(probes) * 3
+            u = torch.tensor([[pr] for pr in probes for _ in range(3)], dtype=torch.float64)
+            out, n = mod.verify(
+                p.expand(B, 2, V).contiguous(),
+                torch.full((B, 1), x, dtype=torch.long),
+                None if mode == "argmax" else q.expand(B, 1, V).contiguous(),
+                torch.ones(B, dtype=torch.long),
+                u,
+                noise.repeat(len(probes), 1),
+            )
+            n = torch.as_tensor(n).view(-1)
+            for i in range(B):
+                acc, want = int(n[i]) == 2, float(u[i, 0]) < r
+                assert acc == want, (
+                    f"{mode} draft x={x} with p(x)={float(p[0, x]):.4f}"
+                    + ("" if mode == "argmax" else f", q(x)={float(q[0, x]):.4f}")
+                    + f": at u={float(u[i, 0]):.6f} the draft was {'accepted' if acc else 'rejected'}; "
+                    f"the accepted set must be [0, {min(r, 1):.6f})"
+                )
+
+
+def _dist_test(name):
+    def fn(mod):
+        P, Zq, params, mode, N = CASES[name]
+        out, n, *_ = _round(mod, P, Zq, params, mode, N, seed=1234)
+        V = P.shape[1]
+        assert out.shape == (N, P.shape[0]) and n.shape == (N,), f"verify returned shapes {out.shape}, {n.shape}"
+        chi2_test(torch.bincount(out[:, 0].clamp(0), minlength=V), P[0].double(), f"{name}: first emitted token")
+        if P.shape[0] >= 2:  # the second token: emitted by the round, or sampled from p_1 by a plain step
+            extra = sample(P[1].expand(N, V), draw_exponentials(make_generators(99, N), V))
+            y2 = torch.where(n >= 2, out[:, 1], extra)
+            joint = torch.bincount(out[:, 0].clamp(0) * V + y2.clamp(0), minlength=V * V)
+            chi2_test(joint, torch.outer(P[0].double(), P[1].double()), f"{name}: first two tokens")
+
+    fn.__name__ = "distribution: " + name
+    return fn
+
+
+_HINTS = {
+    "argmax": "argmax drafts are a point mass: accept with p(x) and on rejection sample p with x removed. Returning "
+    "the drafter softmax as q for an argmax draft and using min(1, p/q) gives [.8, 0, .2, 0] instead of "
+    "[.4, .3, .2, .1] (transformers, gemma4.md §4.5).",
+    "sample": "accept with min(1, p/q'); on the first rejection sample norm((p - q')^+) with the noise row; if all "
+    "drafts are accepted sample the bonus from the NEXT row p_n. Row j of p is conditioned on drafts 1..j.",
+}
+for _name, (_P, _Z, _params, _mode, _N) in CASES.items():
+    TESTS.setdefault(SP, []).append(Test("distribution: " + _name, _dist_test(_name), _HINTS[_mode]))
+
+
+@test(SP, "out_ids [B, K+1]: the accepted drafts, then exactly one more token, then -1; num_emitted = accepted + 1 "
+      "<= num_drafts + 1 (num_drafts may be 0, and smaller than K); an id outside [0, V) is never accepted; the "
+      "emitted token must have p > 0 in its row.")  # fmt: skip
+def invariants(mod):
+    g = torch.Generator().manual_seed(7)
+    for trial in range(20):
+        B, K, V = 3, int(torch.randint(0, 4, (1,), generator=g)), int(torch.randint(2, 9, (1,), generator=g))
+        mode = "sample" if trial % 2 else "argmax"
+        params = SamplingParams(1.0, top_k=max(1, V // 2))
+        p = process_logits(torch.randn(B * (K + 1), V, generator=g), params).view(B, K + 1, V)
+        gens = make_generators(trial, B)
+        q = process_logits(torch.randn(B * max(K, 1), V, generator=g), T1).view(B, max(K, 1), V)[:, :K]
+        if mode == "sample" and K:
+            draft = sample(q.reshape(-1, V), draw_exponentials(gens * K, V)).view(B, K)
+        else:
+            draft = torch.randint(0, V, (B, K), generator=g)
+            if K:
+                draft[0, 0] = V + 3  # invalid id: must be rejected
+        nd = torch.randint(0, K + 1, (B,), generator=g)
+        out, n = mod.verify(
+            p, draft, q if mode == "sample" else None, nd, draw_uniforms(gens, K), draw_exponentials(gens, V)
+        )
+        out, n = torch.as_tensor(out), torch.as_tensor(n)
+        assert out.shape == (B, K + 1) and n.shape == (B,), f"shapes {tuple(out.shape)}, {tuple(n.shape)}"
+        for b in range(B):
+            m = int(n[b])
+            assert 1 <= m <= int(nd[b]) + 1, f"num_emitted {m} with num_drafts {int(nd[b])}"
+            assert out[b, : m - 1].tolist() == draft[b, : m - 1].tolist(), (
+                "emitted tokens before the last must be the drafts"
+            )
+            assert bool((out[b, m:] == -1).all()), f"row {out[b].tolist()}: pad with -1 after the emitted tokens"
+            y = int(out[b, m - 1])
+            assert 0 <= y < V and float(p[b, m - 1, y]) > 0, (
+                f"emitted token {y} has p = 0 in row {m - 1} (or is out of range)"
+            )
+            if mode == "argmax" and K and b == 0 and int(nd[0]) > 0:
+                assert m == 1, "an out-of-range draft id was accepted"
+
+
+@test(SP, "advisory: minimtp (and its Triton twin) fix the float ops so results are reproducible bit for bit: ratio "
+      "p_x / q_x in float32, accept iff float64(u) < float64(ratio), residual max(p - q, 0) (or p with x zeroed), "
+      "p if the residual is all 0, token = sample(dist, noise).", required=False)  # fmt: skip
+def matches_minimtp_bit_for_bit(mod):
+    from minimtp.speculative import verify as ref
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        B, K, V = 3, int(torch.randint(0, 4, (1,), generator=g)), int(torch.randint(2, 9, (1,), generator=g))
+        p = process_logits(torch.randn(B * (K + 1), V, generator=g) * 2, T1).view(B, K + 1, V)
+        q = process_logits(torch.randn(B * max(K, 1), V, generator=g) * 2, T1).view(B, max(K, 1), V)[:, :K]
+        gens = make_generators(trial, B)
+        draft = sample(q.reshape(-1, V), draw_exponentials(gens * K, V)).view(B, K) if K else torch.zeros(B, 0).long()
+        nd = torch.randint(0, K + 1, (B,), generator=g)
+        u, e = draw_uniforms(gens, K), draw_exponentials(gens, V)
+        qq = q if trial % 2 else None
+        want = ref(p, draft, qq, nd, u, e)
+        got = mod.verify(p, draft, qq, nd, u, e)
+        assert torch.equal(torch.as_tensor(got[0]), want[0]) and torch.equal(torch.as_tensor(got[1]), want[1]), (
+            f"differs from minimtp.speculative.verify on a random case ({'sample' if qq is not None else 'argmax'} "
+            f"mode): got {torch.as_tensor(got[0]).tolist()}, minimtp {want[0].tolist()}"
+        )
+
+
+@test(SP, "write the rule yourself: do not import minimtp.speculative (minimtp.sampling's process_logits and sample "
+      "are fine).")  # fmt: skip
+def no_library_shortcut(mod):
+    pattern = (
+        r"^\s*(from\s+minimtp\.speculative\s|import\s+minimtp\.speculative|from\s+minimtp\s+import\s.*speculative)"
+    )
+    assert not re.search(pattern, mod.__source__, re.M), "the file imports minimtp.speculative"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Grade an assignment with the project's property tests.")
+    ap.add_argument("assignment", nargs="?", help="assignment name (--list shows them)")
+    ap.add_argument("file", nargs="?", help="the student file to grade")
+    ap.add_argument("--list", action="store_true", help="list the assignments")
+    args = ap.parse_args(argv)
+    if args.list or not args.assignment:
+        for name, tests in TESTS.items():
+            print(f"{name:24s} {DESCRIPTIONS.get(name, '')} ({len(tests)} tests)")
+        return 0
+    if args.assignment not in TESTS:
+        print(f"unknown assignment {args.assignment!r}; expected one of {sorted(TESTS)}", file=sys.stderr)
+        return 2
+    if not args.file or not os.path.isfile(args.file):
+        print(f"no such file: {args.file!r}", file=sys.stderr)
+        return 2
+    return 0 if grade(args.assignment, os.path.abspath(args.file)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

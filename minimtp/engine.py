@@ -59,8 +59,9 @@ class Stats:
     def per_position_acceptance(self) -> list[float]:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
 
-    def count_round(self, k: int, n: int) -> None:
-        self.target_steps += 1
+    def count_round(self, k: int, n: int, forward: bool = True) -> None:
+        """One sequence's round: k drafts, n accepted; ``forward`` counts a target forward pass."""
+        self.target_steps += int(forward)
         if k:
             self.draft_rounds += 1
             self.drafted += k
@@ -325,7 +326,7 @@ class Engine:
         ids_l, n_l = ids.tolist(), n_emit.tolist()
         for b, s in enumerate(active):
             n_acc = n_l[b] - 1
-            stats.count_round(ks[b], n_acc)
+            stats.count_round(ks[b], n_acc, forward=b == 0)  # one batched forward for the whole round
             s.stats.count_round(ks[b], n_acc)
             s.hidden = out.hidden[cu[b] + n_acc]
             s.cache_len += 1 + n_acc  # the pending token and the accepted drafts now have valid K/V

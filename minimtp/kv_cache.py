@@ -57,14 +57,15 @@ class KVCache:
     def reserve(self, seq: int, n: int) -> None:
         """Make ``seq``'s tables cover positions ``0..n-1`` (new K/V is then written by the model)."""
         need = -(-n // self.block_size)
-        for t, table in self.tables[seq].items():
+        for t, table in self.tables[seq].items():  # check every pool first: a failed reserve takes nothing
             missing = need - len(table)
             if missing > len(self.free_blocks[t]):
                 raise CacheFullError(
                     f"KV cache pool for {t} is full: sequence {seq} needs {missing} more blocks of "
                     f"{self.block_size}, {len(self.free_blocks[t])} free of {self.num_blocks[t]}"
                 )
-            for _ in range(missing):
+        for t, table in self.tables[seq].items():
+            for _ in range(need - len(table)):
                 table.append(self.free_blocks[t].pop())
         self.lengths[seq] = max(self.lengths[seq], n)
 

@@ -362,11 +362,6 @@ def test_stats_fields(models):
     assert res.seq_stats[0].as_dict()["accepted"] == st.accepted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py Stats.target_steps is documented as 'target forward passes after prefill (one per round)' "
-    "but _round calls stats.count_round once per active sequence, so a batch of B counts B per forward",
-)
 def test_batch_target_steps_counts_forwards(models):
     target, assistant = models("dense")
     eng = minimtp.Engine(target, assistant)

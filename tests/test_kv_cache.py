@@ -124,7 +124,7 @@ class Model:
             assert len(used) + len(free) == n, t
             assert sorted(used + free) == list(range(n)), t  # no block lost, none owned twice
             for seq, tables in self.cache.tables.items():  # no sequence holds more than it needs
-                if not self.failed.get(seq):  # (a failed reserve may leave extra blocks: see the xfail test)
+                if not self.failed.get(seq):
                     assert len(tables[t]) <= -(-self.cache.lengths[seq] // self.bs), (seq, t)
 
     def check_readback(self):
@@ -311,11 +311,6 @@ def test_freed_blocks_return_to_the_pool():
     assert sorted(m.cache.free_blocks[FULL]) == list(range(8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KVCache.reserve is not atomic: when one layer type's pool is full it raises after the other type's "
-    "table already took its blocks, so a failed reserve shrinks the free pool (until truncate/release)",
-)
 def test_failed_reserve_takes_no_blocks():
     cache = KVCache(CFG, {SLIDING: 8, FULL: 2}, block_size=4)  # tables iterate sliding first
     cache.add(0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -86,7 +87,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256, 512)
 
 # (q_lens, seq_lens, num_splits, window, (Hq, Hkv)) of each launch shape; every dtype x head dim gets all five.
 # Together they cover: both row counts BLOCK_M (16 for decode, 64 (32 at D=512) for verify and prefill), window
-# on and off with and without split-KV, GQA group 8 and 1, and the reduce kernel. (--full: the whole product.)
+# on and off with and without split-KV, GQA group 8 and 1, and the reduce kernel. fp16 shares bf16's layout and
+# gets two of them. (--full: the whole product.)
 PAGED_SHAPES = {
     "decode": ([1, 1, 1, 1], [40, 7, 100, 1], 1, 16, (8, 1)),
     "verify": ([5, 1, 8, 3], [45, 9, 100, 3], 1, 0, (8, 1)),
@@ -106,20 +108,34 @@ def record_paged_attention(recorders: dict, full: bool = False) -> None:
     shapes = list(PAGED_SHAPES.values())
     if full:
         shapes = [(*s[:3], w, h) for s in shapes for w in (0, 16) for h in ((8, 2), (4, 4), (8, 1))]
-    for dtype, D, (q_lens, seq_lens, splits, window, (Hq, Hkv)) in itertools.product(
-        DTYPES.values(), HEAD_DIMS, shapes
+    for dtype, D, (name, (q_lens, seq_lens, splits, window, (Hq, Hkv))) in itertools.product(
+        DTYPES.values(), HEAD_DIMS, zip(PAGED_SHAPES, shapes) if not full else enumerate(shapes)
     ):
+        if dtype == torch.float16 and name not in ("verify", "split-decode") and not full:
+            continue  # fp16 lays out like bf16: two shapes suffice to prove it compiles
         args = _random_case(q_lens, seq_lens, Hq, Hkv, D, 16, dtype, "cpu")
         pa.paged_attention(*args, window=window, scale=D**-0.5, num_splits=splits)
 
 
 def record_verify(recorders: dict) -> None:
-    try:
-        from minimtp.kernels import verify as vk
-    except ImportError:
-        return
-    if hasattr(vk, "record_compile_variants"):
-        vk.record_compile_variants(recorders, LaunchRecorder)
+    """Greedy (logits fp32 / bf16 / fp16) and stochastic (with and without draft probabilities) verification at
+    Gemma's vocabulary (8 chunks of 4 tiles of 8192), and a small vocabulary (one 64-wide tile)."""
+    from minimtp.kernels import verify as vk
+
+    names = ("_greedy_argmax_kernel", "_greedy_finish_kernel", "_race_kernel", "_race_finish_kernel")
+    for name in names:
+        recorders[name] = LaunchRecorder(getattr(vk, name), f"verify.{name}")
+        setattr(vk, name, recorders[name])
+    B, K = 2, 4
+    for V in (262144, 50):
+        drafts = torch.zeros(B, K, dtype=torch.int64)
+        num_drafts = torch.full((B,), K, dtype=torch.int64)
+        for dtype in DTYPES.values():
+            vk.verify_greedy(torch.zeros(B, K + 1, V, dtype=dtype), drafts, num_drafts)
+        p, q = torch.zeros(B, K + 1, V), torch.zeros(B, K, V)
+        u, e = torch.zeros(B, K, dtype=torch.float64), torch.ones(B, V)
+        for draft_probs in (q, None):
+            vk.verify(p, drafts, draft_probs, num_drafts, u, e)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,6 +162,28 @@ def record_bad_dot(recorders: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_VARIANTS: list = []
+
+
+def _compile_task(task) -> dict:
+    i, arch = task
+    key, (rec, args, kwargs) = _VARIANTS[i]
+    t = time.perf_counter()
+    row = {"variant": key, "arch": f"sm_{arch}"}
+    try:
+        kernel = compile_launch(rec.fn, args, kwargs, arch)
+        row["shared"] = kernel.metadata.shared
+        row["ok"] = kernel.metadata.shared <= SHARED_LIMIT[arch]
+        if not row["ok"]:
+            row["error"] = f"shared memory {kernel.metadata.shared} > limit {SHARED_LIMIT[arch]}"
+    except Exception as e:  # a compile error is a result, not a crash of the check
+        row["ok"] = False
+        row["error"] = f"{type(e).__name__}: {e}"[-2000:]
+        traceback.print_exc(limit=2)
+    row["seconds"] = round(time.perf_counter() - t, 3)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
@@ -156,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the per-variant results here")
     ap.add_argument("--full", action="store_true", help="paged attention: every shape x window x GQA layout")
     ap.add_argument("--match", help="only variants whose description contains this substring")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compile processes")
     ap.add_argument("--list", action="store_true", help="list the distinct variants, compile nothing")
     opts = ap.parse_args(argv)
 
@@ -179,26 +218,26 @@ def main(argv=None) -> int:
         print("\n".join(variants))
         return 0
 
+    global _VARIANTS
+    _VARIANTS = list(variants.items())
+    tasks = [(i, arch) for i in range(len(_VARIANTS)) for arch in opts.arch]
     results, failures = [], 0
-    for key, (rec, args, kwargs) in variants.items():
-        for arch in opts.arch:
-            t = time.perf_counter()
-            row = {"variant": key, "arch": f"sm_{arch}"}
-            try:
-                kernel = compile_launch(rec.fn, args, kwargs, arch)
-                row["shared"] = kernel.metadata.shared
-                row["ok"] = kernel.metadata.shared <= SHARED_LIMIT[arch]
-                if not row["ok"]:
-                    row["error"] = f"shared memory {kernel.metadata.shared} > limit {SHARED_LIMIT[arch]}"
-            except Exception as e:  # a compile error is a result, not a crash of the check
-                row["ok"] = False
-                row["error"] = f"{type(e).__name__}: {e}"[-2000:]
-                traceback.print_exc(limit=2)
-            row["seconds"] = round(time.perf_counter() - t, 3)
-            failures += not row["ok"]
-            results.append(row)
-            status = "ok" if row["ok"] else "FAIL " + row["error"].splitlines()[-1][:200]
-            print(f"{row['arch']} {row.get('shared', '-'):>7} B {row['seconds']:6.2f} s  {key}  {status}", flush=True)
+    if opts.jobs > 1:  # fork: the workers inherit the recorded launches
+        pool = multiprocessing.get_context("fork").Pool(opts.jobs)
+        rows = pool.imap_unordered(_compile_task, tasks)
+    else:
+        pool, rows = None, map(_compile_task, tasks)
+    for row in rows:
+        failures += not row["ok"]
+        results.append(row)
+        status = "ok" if row["ok"] else "FAIL " + row["error"].splitlines()[-1][:200]
+        print(
+            f"{row['arch']} {row.get('shared', '-'):>7} B {row['seconds']:6.2f} s  {row['variant']}  {status}",
+            flush=True,
+        )
+    if pool is not None:
+        pool.close()
+        pool.join()
 
     summary = {
         "variants": len(variants),

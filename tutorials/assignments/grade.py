@@ -373,6 +373,176 @@ def no_library_shortcut(mod):
     assert not re.search(pattern, mod.__source__, re.M), "the file imports minimtp.speculative"
 
 
+# =========================================================================================== kv_rollback
+
+DESCRIPTIONS["kv_rollback"] = "append, rollback and window trimming on a paged KV cache (class PagedKV)"
+KV = "kv_rollback"
+
+
+def _conserved(cache, num_blocks: int) -> None:
+    used = [b for t in cache.tables.values() for b in t if b is not None]
+    assert len(used) == len(set(used)), f"a block id is in two tables (or twice in one): {cache.tables}"
+    assert not set(used) & set(cache.free), f"block(s) {sorted(set(used) & set(cache.free))} are both used and free"
+    assert sorted(used + list(cache.free)) == list(range(num_blocks)), (
+        f"blocks leaked or duplicated: used {sorted(used)}, free {sorted(cache.free)}"
+    )
+
+
+def _rows(T: int, dim: int, g: torch.Generator):
+    return torch.randn(T, dim, generator=g), torch.randn(T, dim, generator=g)
+
+
+def _check_gather(cache, seq: int, dense: list, start: int = 0, what: str = "") -> None:
+    k, v = cache.gather(seq, start)
+    want_k = torch.stack([r[0] for r in dense[start:]]) if dense[start:] else torch.zeros(0, k.shape[-1])
+    want_v = torch.stack([r[1] for r in dense[start:]]) if dense[start:] else torch.zeros(0, v.shape[-1])
+    assert cache.lengths[seq] == len(dense), f"{what}: length {cache.lengths[seq]}, expected {len(dense)}"
+    assert k.shape == want_k.shape, (
+        f"{what}: gather returned {tuple(k.shape)} positions, expected {tuple(want_k.shape)}"
+    )
+    bad = [i + start for i in range(len(want_k)) if not (torch.equal(k[i], want_k[i]) and torch.equal(v[i], want_v[i]))]
+    assert not bad, f"{what}: wrong K/V at positions {bad[:8]}"
+
+
+@test(KV, "append: grow the table by ceil((length+T)/block_size) - len(table) blocks taken from the pool, write row j "
+      "at position length+j (block table[pos // block_size], slot pos % block_size), then length += T.")  # fmt: skip
+def append_and_gather(mod):
+    g = torch.Generator().manual_seed(0)
+    cache = mod.PagedKV(16, 4, 3)
+    dense = {0: [], 1: []}
+    for s in dense:
+        cache.add(s)
+    for s, T in [(0, 3), (1, 5), (0, 1), (1, 7), (0, 4), (0, 0), (1, 4)]:
+        k, v = _rows(T, 3, g)
+        cache.append(s, k, v)
+        dense[s] += list(zip(k, v))
+        _check_gather(cache, s, dense[s], what=f"after appending {T} to sequence {s}")
+        _conserved(cache, 16)
+    assert len(cache.tables[1]) == 4 and len(cache.tables[0]) == 2, f"tables {cache.tables}: too many blocks taken"
+
+
+@test(KV, "rollback(seq, n) must forget EVERY position >= n: set length = n (not the end of n's block) and free the "
+      "blocks entirely past n. Otherwise the next verify step attends to the rejected drafts' stale K/V.")  # fmt: skip
+def rollback_then_append(mod):
+    g = torch.Generator().manual_seed(1)
+    for n_keep in (7, 8, 0, 10, 1):
+        cache = mod.PagedKV(8, 4, 2)
+        cache.add(0)
+        k, v = _rows(10, 2, g)
+        cache.append(0, k, v)
+        cache.rollback(0, n_keep)
+        dense = list(zip(k, v))[:n_keep]
+        _check_gather(cache, 0, dense, what=f"10 positions rolled back to {n_keep}")
+        k2, v2 = _rows(3, 2, g)
+        cache.append(0, k2, v2)
+        dense += list(zip(k2, v2))
+        _check_gather(cache, 0, dense, what=f"10 positions, rolled back to {n_keep}, then 3 appended")
+        _conserved(cache, 8)
+
+
+@test(KV, "after rollback(seq, n) the table holds exactly ceil(n / block_size) blocks; the others are back in the "
+      "free pool (a verify step that is mostly rejected must not leak blocks).")  # fmt: skip
+def rollback_frees_blocks(mod):
+    g = torch.Generator().manual_seed(2)
+    cache = mod.PagedKV(10, 4, 2)
+    cache.add(0)
+    cache.add(1)
+    cache.append(1, *_rows(5, 2, g))
+    for _ in range(20):  # many verify rounds: +5 then keep 2 of them
+        n = cache.lengths[0]
+        cache.append(0, *_rows(5, 2, g))
+        cache.rollback(0, n + 2)
+        assert len(cache.tables[0]) == -(-(n + 2) // 4), f"length {n + 2} but {len(cache.tables[0])} blocks held"
+        _conserved(cache, 10)
+        if cache.lengths[0] >= 20:
+            break
+
+
+@test(KV, "trim(seq, keep): free the blocks whose positions are ALL < length - keep (table entry -> None, id -> pool);"
+      " never a block holding a position >= length - keep.")  # fmt: skip
+def trim_window(mod):
+    g = torch.Generator().manual_seed(3)
+    cache = mod.PagedKV(12, 4, 2)
+    cache.add(0)
+    k, v = _rows(20, 2, g)
+    cache.append(0, k, v)
+    cache.trim(0, 5)  # positions >= 15 must stay: blocks 0-2 (positions 0-11) are dead, block 3 (12-15) is not
+    t = cache.tables[0]
+    assert t[:3] == [None, None, None] and all(b is not None for b in t[3:]), f"table after trim(keep=5): {t}"
+    _conserved(cache, 12)
+    dense = list(zip(k, v))
+    _check_gather(cache, 0, dense, start=12, what="after trim")
+    k2, v2 = _rows(6, 2, g)
+    cache.append(0, k2, v2)
+    dense += list(zip(k2, v2))
+    cache.trim(0, 5)
+    _check_gather(cache, 0, dense, start=cache.lengths[0] - 5, what="after append + trim")
+    _conserved(cache, 12)
+
+
+@test(KV, "when the pool cannot cover an append, raise minimtp.errors.CacheFullError BEFORE changing anything.")
+def pool_full(mod):
+    from minimtp.errors import CacheFullError
+
+    g = torch.Generator().manual_seed(4)
+    cache = mod.PagedKV(3, 4, 2)
+    cache.add(0)
+    cache.append(0, *_rows(10, 2, g))
+    before = ([list(t) for t in cache.tables.values()], dict(cache.lengths), sorted(cache.free))
+    try:
+        cache.append(0, *_rows(3, 2, g))
+    except CacheFullError:
+        pass
+    else:
+        raise AssertionError("appending 13 positions to a pool of 3 blocks of 4 did not raise CacheFullError")
+    after = ([list(t) for t in cache.tables.values()], dict(cache.lengths), sorted(cache.free))
+    assert before == after, f"a failed append changed the cache: {before} -> {after}"
+    cache.append(0, *_rows(2, 2, g))  # 12 positions still fit
+
+
+@test(KV, "random append / rollback / trim / release sequences over 3 sequences must always read back what a plain "
+      "list would hold, and conserve the pool.")  # fmt: skip
+def random_operations(mod):
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda n: int(torch.randint(0, n, (1,), generator=g))
+    cache = mod.PagedKV(40, 3, 2)
+    dense: dict[int, list] = {}
+    next_id = 0
+    for step in range(250):
+        op = rnd(10)
+        if op == 0 or not dense:
+            cache.add(next_id)
+            dense[next_id] = []
+            next_id += 1
+            continue
+        s = list(dense)[rnd(len(dense))]
+        start = sum(1 for b in cache.tables[s] if b is None) * 3
+        if op <= 4:
+            T = rnd(6)
+            if -(-(len(dense[s]) + T) // 3) - len(cache.tables[s]) > len(cache.free):
+                continue
+            k, v = _rows(T, 2, g)
+            cache.append(s, k, v)
+            dense[s] += list(zip(k, v))
+        elif op <= 7:
+            n = max(start, len(dense[s]) - rnd(5))
+            cache.rollback(s, n)
+            dense[s] = dense[s][:n]
+        elif op == 8:
+            before = list(cache.tables[s])
+            cache.trim(s, 4)
+            new = [j for j, (a, b) in enumerate(zip(before, cache.tables[s])) if a is not None and b is None]
+            assert all(3 * (j + 1) <= len(dense[s]) - 4 for j in new), f"step {step}: trim freed a block in the window"
+        else:
+            cache.release(s)
+            del dense[s]
+            _conserved(cache, 40)
+            continue
+        start = sum(1 for b in cache.tables[s] if b is None) * 3
+        _check_gather(cache, s, dense[s], start=start, what=f"step {step}")
+        _conserved(cache, 40)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 

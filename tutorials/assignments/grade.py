@@ -543,6 +543,75 @@ def random_operations(mod):
         _conserved(cache, 40)
 
 
+# =========================================================================================== paged_attention_kernel
+
+DESCRIPTIONS["paged_attention_kernel"] = "a Triton paged-attention kernel (run by the interpreter on CPU)"
+PA = "paged_attention_kernel"
+
+
+def _attn_case(q_lens, seq_lens, Hq, Hkv, D, bs, seed, nan_below=None):
+    """Random q / pool / shuffled tables. ``nan_below[b] = p``: every table entry of sequence b whose block lies
+    entirely below position p points at a block full of NaN (a block a sliding-window cache has freed)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    nb = max(-(-L // bs) for L in seq_lens) + 1
+    num_blocks = B * nb + 1
+    tables = torch.randperm(num_blocks - 1, generator=g)[: B * nb].view(B, nb).to(torch.int32)
+    k = torch.randn(num_blocks, bs, Hkv, D, generator=g)
+    v = torch.randn(num_blocks, bs, Hkv, D, generator=g)
+    k[-1], v[-1] = float("nan"), float("nan")
+    if nan_below is not None:
+        for b, p in enumerate(nan_below):
+            tables[b, : p // bs] = num_blocks - 1
+    q = torch.randn(sum(q_lens), Hq, D, generator=g)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, tables, torch.tensor(seq_lens, dtype=torch.int32), cu
+
+
+def _attn_test(name, q_lens, seq_lens, Hq, Hkv, D, bs, window, scale, nan_window=False, hint=""):
+    def fn(mod):
+        from minimtp.attention import paged_attention as reference
+
+        nan_below = None
+        if nan_window:  # positions below the first query's window start are never visible to anyone
+            nan_below = [max(0, L - ql - window + 1) for L, ql in zip(seq_lens, q_lens)]
+        args = _attn_case(q_lens, seq_lens, Hq, Hkv, D, bs, seed=len(name), nan_below=nan_below)
+        want = reference(*args, window=window, scale=scale)
+        got = mod.paged_attention(*args, window=window, scale=scale)
+        got = torch.as_tensor(got)
+        assert got.shape == want.shape, f"output shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert not bool(torch.isnan(got).any()), "NaN in the output: the kernel read K/V outside the visible keys"
+        err = (got - want).abs().amax(dim=(1, 2))
+        bad = (err > 1e-4).nonzero()[:, 0].tolist()
+        assert not bad, (
+            f"q_lens {q_lens}, seq_lens {seq_lens}, window {window}: query rows {bad} differ from the reference "
+            f"(max error {float(err.max()):.2e})"
+        )
+
+    fn.__name__ = "kernel: " + name
+    TESTS.setdefault(PA, []).append(Test(fn.__name__, fn, hint))
+
+
+@test(PA, "write the kernel in Triton (@triton.jit), not with torch ops: this assignment is about the kernel.")
+def is_a_triton_kernel(mod):
+    assert "@triton.jit" in mod.__source__, "no @triton.jit kernel in the file"
+
+
+_MASK = ("query r of a sequence with seq_len keys and q_len queries sits at position seq_len - q_len + r and sees "
+         "keys j <= that position (and j > position - window). An off-by-one here passes decode (q_len = 1) and "
+         "fails verify/prefill, where queries must not see the keys of the drafts after them.")  # fmt: skip
+_attn_test("decode (q_len 1), GQA 4:2", [1, 1], [5, 19], 4, 2, 8, 4, 0, 1.0,
+           hint="decode: one query per sequence at position seq_len - 1 sees every key; check the online softmax "
+           "(running max m, denominator l, rescale by exp(m_old - m_new)) and the block-table lookup.")  # fmt: skip
+_attn_test("verify (q_len 3)", [3, 3], [7, 12], 4, 2, 8, 4, 0, 0.5, hint=_MASK)
+_attn_test("prefill + decode + short prompt", [6, 1, 2], [6, 9, 2], 4, 1, 16, 4, 0, 1.0, hint=_MASK)
+_WINDOW = (
+    "sliding window W: query i sees keys i-W < j <= i. Never load K/V outside that range (mask the loads or start "
+    "the loop at the window): a sliding cache frees old blocks, their table entries are garbage."
+)
+_attn_test("sliding window 4, freed blocks hold NaN", [3, 1], [14, 11], 4, 2, 8, 4, 4, 1.0, True, _WINDOW)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 

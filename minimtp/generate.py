@@ -145,6 +145,9 @@ def _run(args, torch) -> int:
         asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
     if args.model is None and not os.path.isdir(model_dir):
         raise ConfigError(f"{model_dir}: the embedded default model is missing from this install; pass --model DIR")
+    for d, what in ((model_dir, "model"), (asst_dir, "assistant")):
+        if d is not None and not os.path.isdir(d):
+            raise ConfigError(f"{d}: no such {what} directory")
     prompt = read_prompt(args)
     tok = load_tokenizer(model_dir)
     dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype

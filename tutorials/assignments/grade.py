@@ -612,6 +612,137 @@ _WINDOW = (
 _attn_test("sliding window 4, freed blocks hold NaN", [3, 1], [14, 11], 4, 2, 8, 4, 4, 1.0, True, _WINDOW)
 
 
+# =========================================================================================== distil_drafter
+
+DESCRIPTIONS["distil_drafter"] = "distil a drafter that reaches a target acceptance rate"
+DD = "distil_drafter"
+MIN_ALPHA1, MIN_ALPHA2 = 0.6, 0.58  # untrained drafter: 0.39 / 0.39; reference solution: 0.67 / 0.66
+
+
+_SETUP: dict = {}
+
+
+def _distil_setup():
+    """The frozen target (tutorial 09's), the data sampled from it (train: 48 sequences, held out: 16; S = 16)."""
+    if not _SETUP:
+        from _tiny import tiny_target
+
+        import minimtp
+
+        target = tiny_target(seed=0, mix=0.5).requires_grad_(False)
+        engine = minimtp.Engine(target)
+        g = torch.Generator().manual_seed(0)
+
+        def batch(n, seed):
+            starts = [[int(t)] for t in torch.randint(2, target.config.vocab_size, (n,), generator=g)]
+            res = engine.generate(starts, max_new_tokens=15, temperature=1.0, seed=seed, stop_token_ids=[])
+            return torch.tensor([a + b for a, b in zip(starts, res.tokens)])
+
+        _SETUP.update(target=target, train=batch(48, 1), heldout=batch(16, 2))
+    return _SETUP
+
+
+def _fresh_drafter(seed=3):
+    from _tiny import tiny_assistant
+
+    return tiny_assistant(_distil_setup()["target"], seed=seed, correlate=False)
+
+
+def _ref_loss(target, drafter, x, k):
+    from minimtp.assistant import DraftDenseContext
+
+    B, S = x.shape
+    with torch.no_grad():
+        logits, t_hidden, kv = target.forward_with_kv(x)
+        t_prob = torch.softmax(logits, -1)
+    V, H = t_prob.shape[-1], t_hidden.shape[-1]
+    pos = torch.arange(S).repeat(B)
+    ctx = DraftDenseContext(drafter.config.text, kv, pos.view(B, S))
+    hid = torch.cat([torch.zeros(B, 1, H), t_hidden[:, :-1]], 1).reshape(B * S, H)
+    total = 0.0
+    for j in range(1, k + 1):
+        src = (torch.arange(S) + j - 1).clamp(max=S - 1)
+        valid = ((torch.arange(S) >= 1) & (torch.arange(S) + j - 1 <= S - 1)).repeat(B)
+        z, hid = drafter.step(target.embed(x[:, src]).reshape(B * S, H), hid, pos, ctx)
+        ce = -(t_prob[:, src].reshape(B * S, V) * torch.log_softmax(z, -1)).sum(-1)
+        total = total + ce[valid].mean()
+    return total / k
+
+
+@torch.no_grad()
+def _alphas(target, drafter, x) -> tuple[float, float]:
+    """Exact acceptance of sampled drafts at temperature 1, E[sum_x min(p, q)], for draft steps 1 and 2
+    (teacher-forced: step 2 reads the true next token and step 1's hidden state), over all valid positions."""
+    from minimtp.assistant import DraftDenseContext
+
+    B, S = x.shape
+    logits, t_hidden, kv = target.forward_with_kv(x)
+    t_prob = torch.softmax(logits, -1)
+    V, H = t_prob.shape[-1], t_hidden.shape[-1]
+    pos = torch.arange(S).repeat(B)
+    ctx = DraftDenseContext(drafter.config.text, kv, pos.view(B, S))
+    hid = torch.cat([torch.zeros(B, 1, H), t_hidden[:, :-1]], 1).reshape(B * S, H)
+    out = []
+    for j in (1, 2):
+        src = (torch.arange(S) + j - 1).clamp(max=S - 1)
+        valid = ((torch.arange(S) >= 1) & (torch.arange(S) + j - 1 <= S - 1)).repeat(B)
+        z, hid = drafter.step(target.embed(x[:, src]).reshape(B * S, H), hid, pos, ctx)
+        p, q = t_prob[:, src].reshape(B * S, V)[valid], torch.softmax(z, -1)[valid]
+        out.append(float(torch.minimum(p, q).sum(-1).mean()))
+    return out[0], out[1]
+
+
+@test(DD, "distill_loss: step j at position p reads token x[p+j-1] (step 1 with the target's hidden state at p-1, "
+      "later steps with the previous step's hidden output), runs at position p (K/V < p) and is scored against "
+      "the target's distribution of token p+j = teacher row p+j-1; average over p >= 1 with p+j-1 <= S-1, then "
+      "over j.")  # fmt: skip
+def loss_matches_definition(mod):
+    st = _distil_setup()
+    target, x = st["target"], st["train"][:4]
+    drafter = _fresh_drafter()
+    for k in (1, 2, 3):
+        with torch.no_grad():
+            got = mod.distill_loss(target, drafter, x, mod.teacher(target, x), k)
+            want = _ref_loss(target, drafter, x, k)
+        assert torch.is_tensor(got) and got.dim() == 0, "distill_loss must return a scalar tensor"
+        assert abs(float(got) - float(want)) <= 1e-4 * abs(float(want)), (
+            f"k={k}: loss {float(got):.5f}, expected {float(want):.5f}"
+        )
+
+
+@test(DD, "the loss must be differentiable w.r.t. the drafter's parameters (do not detach the drafter's logits or "
+      "hidden states; DO keep the target frozen).")  # fmt: skip
+def loss_has_gradients(mod):
+    st = _distil_setup()
+    target, x = st["target"], st["train"][:4]
+    drafter = _fresh_drafter()
+    drafter.train()
+    loss = mod.distill_loss(target, drafter, x, mod.teacher(target, x), 2)
+    loss.backward()
+    g1 = drafter.pre_projection.weight.grad
+    assert g1 is not None and bool(torch.isfinite(g1).all()) and float(g1.abs().sum()) > 0, "no gradient reached W_pre"
+    assert all(p.grad is None for p in target.parameters()), "the target received gradients: it must stay frozen"
+
+
+@test(DD, f"after train(), exact acceptance (sampled drafts, T = 1) on held-out target samples must reach "
+      f"alpha_1 >= {MIN_ALPHA1} (draft step 1) and alpha_2 >= {MIN_ALPHA2} (step 2). Check the loss first; then "
+      "steps, learning rate and batch size.")  # fmt: skip
+def acceptance_after_training(mod):
+    st = _distil_setup()
+    target = st["target"]
+    drafter = _fresh_drafter()
+    before = _alphas(target, drafter, st["heldout"])
+    t0 = time.perf_counter()
+    trained = mod.train(target, drafter, st["train"].clone())
+    drafter = trained if trained is not None else drafter
+    dt = time.perf_counter() - t0
+    a1, a2 = _alphas(target, drafter.eval(), st["heldout"])
+    print(f"         alpha_1 {before[0]:.3f} -> {a1:.3f}, alpha_2 {before[1]:.3f} -> {a2:.3f}, training {dt:.1f}s")
+    assert a1 >= MIN_ALPHA1 and a2 >= MIN_ALPHA2, (
+        f"alpha_1 = {a1:.3f} (need {MIN_ALPHA1}), alpha_2 = {a2:.3f} (need {MIN_ALPHA2})"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 

@@ -80,7 +80,9 @@ def load(path: str):
     return mod
 
 
-def grade(assignment: str, path: str, out=sys.stdout) -> bool:
+def grade(assignment: str, path: str, out=None, fail_fast: bool = False) -> bool:
+    """Run every test of ``assignment`` on the file ``path``; print the report to ``out``; True iff all pass."""
+    out = out or sys.stdout
     torch.set_num_threads(1)
     print(f"Grading {path} as assignment '{assignment}'", file=out)
     try:
@@ -111,6 +113,9 @@ def grade(assignment: str, path: str, out=sys.stdout) -> bool:
         passed += status == "PASS"
         failed += status == "FAIL"
         warned += status == "WARN"
+        if failed and fail_fast:
+            print("  (stopped at the first failure: --fail-fast)", file=out)
+            break
     ok = failed == 0
     print(f"{'PASSED' if ok else 'FAILED'}: {passed} passed, {failed} failed, {warned} advisory warnings", file=out)
     return ok
@@ -198,9 +203,9 @@ _P1, _P2, _P3 = SamplingParams(0.7, top_k=4), SamplingParams(1.3, top_p=0.9), Sa
 CASES = {  # name: (P, Zq, params, mode, N)
     "gemma4.md §4.5 example, argmax draft": (GEMMA_P, GEMMA_ZQ, T1, "argmax", 4000),
     "gemma4.md §4.5 example, sampled draft": (GEMMA_P, GEMMA_ZQ, T1, "sample", 4000),
-    "V=6 k=2 T=0.7 top-k 4, sampled": (*_case(6, 2, 1, _P1), _P1, "sample", 6000),
-    "V=6 k=2 T=1.3 top-p 0.9, argmax": (*_case(6, 2, 2, _P2), _P2, "argmax", 6000),
-    "V=5 k=3 T=0.5, sampled": (*_case(5, 3, 3, _P3), _P3, "sample", 6000),
+    "V=6 k=2 T=0.7 top-k 4, sampled": (*_case(6, 2, 1, _P1), _P1, "sample", 4000),
+    "V=6 k=2 T=1.3 top-p 0.9, argmax": (*_case(6, 2, 2, _P2), _P2, "argmax", 4000),
+    "V=5 k=3 T=0.5, sampled": (*_case(5, 3, 3, _P3), _P3, "sample", 4000),
 }
 
 
@@ -751,6 +756,7 @@ def main(argv=None) -> int:
     ap.add_argument("assignment", nargs="?", help="assignment name (--list shows them)")
     ap.add_argument("file", nargs="?", help="the student file to grade")
     ap.add_argument("--list", action="store_true", help="list the assignments")
+    ap.add_argument("-x", "--fail-fast", action="store_true", help="stop at the first failing test")
     args = ap.parse_args(argv)
     if args.list or not args.assignment:
         for name, tests in TESTS.items():
@@ -762,7 +768,7 @@ def main(argv=None) -> int:
     if not args.file or not os.path.isfile(args.file):
         print(f"no such file: {args.file!r}", file=sys.stderr)
         return 2
-    return 0 if grade(args.assignment, os.path.abspath(args.file)) else 1
+    return 0 if grade(args.assignment, os.path.abspath(args.file), fail_fast=args.fail_fast) else 1
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def paged_attention_kernel(
     q = tl.load(q_ptr + row * stride_qt + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([D_PAD], tl.float32)
+    acc = tl.full([D_PAD], 0.0, tl.float32)
     for start in range(lo, pos + 1, TILE_N):
         kpos = start + tl.arange(0, TILE_N)
         ok = (kpos <= pos) & (kpos >= lo)  # causal (and window) on absolute positions

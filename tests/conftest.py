@@ -8,6 +8,12 @@ import sys
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, and transformers imports triton (via torch._dynamo)
+# early: set it before anything else so every kernel runs under the interpreter on a machine without CUDA.
+if os.environ.get("MINIMTP_KERNEL_COMPILE_ONLY") != "1" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import patch_transformers, saved_pair  # noqa: E402
 

@@ -3,7 +3,8 @@
 Method (docs: benchmarks): the same prompts (code completion, JSON repair, fixed-format list, prose) run with and
 without the assistant on one engine (same model, dtype, temperature, threads), after a warm-up of every shape;
 repeats are interleaved and medians reported, so speedups are ratios measured in one run. The prediction is
-Leviathan et al.'s (arXiv 2211.17192) with the measured acceptance α and cost ratio c = t_draft / t_target:
+Leviathan et al.'s (arXiv 2211.17192) with the cost ratio c = t_draft / t_target and the per-token acceptance α
+of the i.i.d. model that reproduces the measured mean acceptance length:
 
     speedup = (1 − α^(k+1)) / ((1 − α)(k·c + 1))
 
@@ -40,6 +41,19 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
     if alpha >= 1.0:
         return (k + 1) / (k * c + 1)
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1))
+
+
+def alpha_from_acceptance_length(mal: float, k: int) -> float:
+    """The per-token acceptance α of the i.i.d. model whose expected tokens per round (1−α^(k+1))/(1−α) equals
+    the measured mean acceptance length (bisection; accepted/drafted is (α+…+α^k)/k, not α)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid**j for j in range(k + 1)) < mal:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def run_minimtp(engine, tok, prompts: dict, ks: list[int], args) -> dict:
@@ -93,7 +107,8 @@ def summarize(res: dict, ks: list[int]) -> list[dict]:
                     t_target_ms=1e3 * t_target,
                     t_draft_ms=1e3 * t_draft,
                     t_verify_ms=1e3 * t_verify,
-                    predicted_leviathan=predicted_speedup(alpha, k, c),
+                    alpha_iid=alpha_from_acceptance_length(mal, k),
+                    predicted_leviathan=predicted_speedup(alpha_from_acceptance_length(mal, k), k, c),
                     predicted_measured_costs=mal * t_target / (k * t_draft + t_verify) if t_verify else float("nan"),
                     per_position=pos,
                 )

@@ -1,0 +1,49 @@
+"""python -m minimtp.bench: the speedup model, and a tiny end-to-end run (table, JSON, plots, transformers A/B)."""
+
+import json
+import os
+
+import pytest
+
+from minimtp.bench import alpha_from_acceptance_length, main, predicted_speedup
+from minimtp.generate import DEFAULT_DIR
+
+
+def test_speedup_model():
+    # α = 0 gives one token per round at cost k·c + 1; α → 1 gives k + 1 tokens
+    assert predicted_speedup(0.0, 4, 0.1) == pytest.approx(1 / 1.4)
+    assert predicted_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
+    assert predicted_speedup(0.8, 4, 0.05) == pytest.approx((1 - 0.8**5) / (0.2 * 1.2))
+    for a, k in [(0.3, 2), (0.7, 4), (0.95, 6)]:
+        mal = (1 - a ** (k + 1)) / (1 - a)
+        assert alpha_from_acceptance_length(mal, k) == pytest.approx(a, abs=1e-9)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors")), reason="no pair")
+def test_bench_runs_end_to_end(tmp_path, capsys):
+    rc = main(
+        [
+            "--ks",
+            "1,2",
+            "--max-new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--prompts",
+            "code,prose",
+            "--out",
+            str(tmp_path),
+            "--compare-transformers",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| code | 2 |" in out and "transformers generate" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["rows"]
+    assert {(r["prompt"], r["k"]) for r in rows} == {("code", 1), ("code", 2), ("prose", 1), ("prose", 2)}
+    for r in rows:
+        assert r["plain_tps"] > 0 and r["spec_tps"] > 0 and 1.0 <= r["mean_acceptance_length"] <= r["k"] + 1
+    assert report["transformers"]["plain"] > 0 and report["transformers"]["assisted"] > 0
+    for f in ("bench.md", "speedup_vs_k.png", "acceptance_by_position.png"):
+        assert (tmp_path / f).stat().st_size > 0

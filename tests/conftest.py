@@ -39,3 +39,11 @@ def saved(hf_root):
         return saved_pair(hf_root, family, layout, dtype)
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _restore_denormals():
+    """The CLI and bench call torch.set_flush_denormal(True) (process-wide FTZ/DAZ); undo it after each test so
+    later tests (hypothesis draws subnormal floats) see IEEE arithmetic."""
+    yield
+    torch.set_flush_denormal(False)

@@ -3,8 +3,10 @@
     python scripts/screenshots.py            # writes docs/assets/screenshots/*.png
 
 The screenshots are how we check, without a person at a browser, that the offline site renders: math through
-the vendored KaTeX (no raw ``\\(`` left on the page), the theme's icons, the API reference. Look at them after
-running this. Needs the docs toolchain (``pip install -e ".[dev]"``) and Chromium
+the vendored KaTeX (no raw ``\\(`` left on the page), the plot of the executed tutorial 05, the theme's icons, the
+API reference. Besides the pictures, the script checks each page's DOM after its scripts ran (KaTeX output
+present, no unrendered math, the tutorial's figure inline) and exits non-zero if a check fails; still look at the
+PNGs after running it. Needs the docs toolchain (``pip install -e ".[dev]"``) and Chromium
 (``apt-get install -y --no-install-recommends chromium``). Nothing is fetched from the network: the site is served
 on 127.0.0.1 and Chromium runs with networking features off.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,12 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "assets" / "screenshots"
 
-# (file name, path on the site, window height). The math page is shot taller so that the first proof, with its
-# display equations and lemma boxes, is in view (headless Chromium captures a blank page for a #fragment URL).
+# (file name, path on the site, window height, what the rendered page must contain). Headless Chromium captures the
+# top of the page only (and a blank page for a #fragment URL), so pages whose point is further down are shot taller:
+# the math page down to its first proof (display equations, lemma boxes), tutorial 05 down to its plot (the one
+# tutorial the docs build executes: see docs/hooks/tutorials.py). The checks run on the DOM after the scripts ran:
+# "katex" = KaTeX rendered the math (no raw TeX left in an arithmatex element), "plot" = an inline PNG output.
 PAGES = [
-    ("home.png", "/", 900),
-    ("speculative-decoding.png", "/concepts/speculative-decoding/", 1800),
-    ("api.png", "/reference/api/", 900),
+    ("home.png", "/", 900, []),
+    ("tutorial-05.png", "/tutorials/05_acceptance_and_speedup/", 3000, ["katex", "plot"]),
+    ("speculative-decoding.png", "/concepts/speculative-decoding/", 1800, ["katex"]),
+    ("kernels.png", "/concepts/kernels/", 1200, ["katex"]),
+    ("assignments.png", "/assignments/", 1100, ["katex"]),
+    ("api.png", "/reference/api/", 1150, []),  # tall enough for the whole nav
 ]
 
 CHROMIUM_FLAGS = [
@@ -79,6 +88,21 @@ def wait_until_up(url: str, timeout: float = 10.0) -> None:
             time.sleep(0.1)
 
 
+def dom_problems(dom: str, checks: list[str]) -> list[str]:
+    """What is wrong with a page, judged from its DOM as Chromium left it (``--dump-dom``)."""
+    problems = []
+    if "katex" in checks:
+        if 'class="katex"' not in dom:
+            problems.append("no KaTeX output (is assets/katex loaded?)")
+        # arithmatex keeps the TeX source in its span/div until KaTeX replaces it with class="katex" markup.
+        raw = re.findall(r'class="arithmatex">(\\\(|\\\[)', dom)
+        if raw:
+            problems.append(f"{len(raw)} arithmatex element(s) left unrendered")
+    if "plot" in checks and not re.search(r'<img[^>]+src="data:image/png;base64,', dom):  # (the CSS has data: URLs)
+        problems.append("no inline PNG output (was the tutorial executed?)")
+    return problems
+
+
 def shrink(png: Path) -> None:
     """Re-encode with a 256-colour palette (about 4× smaller for text pages); skipped without Pillow."""
     try:
@@ -107,15 +131,23 @@ def main(argv=None) -> int:
         )
         try:
             wait_until_up(f"http://127.0.0.1:{port}/")
-            for name, path, height in PAGES:
+            failures = []
+            for name, path, height, checks in PAGES:
                 png = args.out / name
+                url = f"http://127.0.0.1:{port}{path}"
                 profile = Path(tmp) / f"profile-{name}"
                 cmd = [chromium, *CHROMIUM_FLAGS, f"--window-size=1280,{height}", f"--user-data-dir={profile}"]
-                cmd.append(f"--screenshot={png}")
-                cmd.append(f"http://127.0.0.1:{port}{path}")
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+                run = dict(check=True, stderr=subprocess.DEVNULL, timeout=120)
+                subprocess.run([*cmd, f"--screenshot={png}", url], stdout=subprocess.DEVNULL, **run)
                 shrink(png)
                 print(f"{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}: {png.stat().st_size // 1024} KiB")
+                if checks:
+                    dom = subprocess.run([*cmd, "--dump-dom", url], stdout=subprocess.PIPE, text=True, **run).stdout
+                    failures += [f"{path}: {problem}" for problem in dom_problems(dom, checks)]
+            for failure in failures:
+                print(f"error: {failure}", file=sys.stderr)
+            if failures:
+                return 1
         finally:
             server.terminate()
             server.wait(timeout=10)

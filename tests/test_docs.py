@@ -19,6 +19,7 @@ pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.
 pytest.importorskip("material", reason="mkdocs-material is not installed (part of the dev extra)")
 
 ROOT = Path(__file__).resolve().parent.parent
+PLOTS = re.compile(r"^\s*(?:import|from)\s+matplotlib\b", re.MULTILINE)  # as in docs/hooks/tutorials.py
 KATEX = ["assets/katex/katex.min.js", "assets/katex/katex.min.css", "assets/katex/contrib/auto-render.min.js"]
 
 
@@ -50,8 +51,26 @@ def test_strict_build_writes_every_page(site: Path):
         "reference/cli/index.html",
         "reference/api/index.html",
         "benchmarks/index.html",
+        "assignments/index.html",
+        "tutorials/01_plain_decoding/index.html",
+        "tutorials/05_acceptance_and_speedup/index.html",
     ]:
         assert (site / page).is_file(), page
+
+
+def test_only_the_plotting_tutorials_are_executed_and_show_their_plots(site: Path):
+    """docs/hooks/tutorials.py executes the tutorials that import matplotlib (with MINIMTP_FAST=1) and displays the
+    figures they leave open; the others render from source, without outputs."""
+    plotting = {p.stem for p in (ROOT / "tutorials").glob("[!_]*.py") if PLOTS.search(p.read_text(encoding="utf-8"))}
+    assert "05_acceptance_and_speedup" in plotting
+    for page in sorted((site / "tutorials").glob("*/index.html")):
+        html = page.read_text(encoding="utf-8")
+        if page.parent.name in plotting:
+            assert re.search(r'<img[^>]+src="data:image/png;base64,', html), f"{page.parent.name}: no plot on the page"
+        else:  # (the notebook CSS itself holds data: URLs, so look for output areas, not for "data:image/png")
+            assert 'class="jp-OutputArea ' not in html, f"{page.parent.name} was executed"
+    html = (site / "tutorials/05_acceptance_and_speedup/index.html").read_text(encoding="utf-8")
+    assert "tutorial 05 OK" in html, "tutorial 05 was not executed to its end"
 
 
 def test_katex_is_vendored_and_referenced(site: Path):

@@ -9,14 +9,24 @@ The tutorials live next to the package, not under ``docs/``, so that they run as
   section of that name (then the explicit list wins);
 * watches the folder under ``mkdocs serve``;
 * puts the pages in ``OPTIONAL_PAGES`` into their nav section once their file exists (pages written in parallel
-  with the rest of the site; a nav entry for a missing file would fail the strict build).
+  with the rest of the site; a nav entry for a missing file would fail the strict build);
+* when mkdocs-jupyter has ``execute: true``, executes only the tutorials that plot (those importing matplotlib), so
+  that their figures appear on the page, and renders the others from source: every other tutorial is added to
+  ``execute_ignore``. The kernel inherits ``MINIMTP_FAST=1`` (small sample counts; set ``MINIMTP_FAST=0`` for the
+  full run) and an IPython startup file (``show_figures.py``) that displays the figures the tutorial leaves open,
+  since the tutorials select the non-interactive Agg backend.
 
 So adding a tutorial is: drop ``tutorials/NN_topic.py`` (first markdown cell ``# Title``) and rebuild.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import atexit
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePath
 
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
@@ -24,6 +34,10 @@ from mkdocs.structure.files import File
 SECTION = "Tutorials"
 # section -> [(title, path under docs/)], appended to that nav section when the file exists and is not listed yet.
 OPTIONAL_PAGES = {"Concepts": [("Triton kernels", "concepts/kernels.md")]}
+# A tutorial that imports matplotlib makes a plot: it is executed during the build (when mkdocs-jupyter's
+# execute is on) so that the page shows the figure.
+PLOTS = re.compile(r"^\s*(?:import|from)\s+matplotlib\b", re.MULTILINE)
+_IPYTHONDIR: str | None = None
 
 
 def _tutorial_dir(config) -> Path:
@@ -47,10 +61,37 @@ def _add_optional_pages(config) -> None:
                 entries.append({title: path})
 
 
+def _ipython_dir() -> str:
+    """A throw-away IPYTHONDIR whose default profile runs ``show_figures.py`` at kernel start-up."""
+    global _IPYTHONDIR
+    if _IPYTHONDIR is None:
+        _IPYTHONDIR = tempfile.mkdtemp(prefix="minimtp-docs-ipython-")
+        atexit.register(shutil.rmtree, _IPYTHONDIR, ignore_errors=True)
+        startup = Path(_IPYTHONDIR, "profile_default", "startup")
+        startup.mkdir(parents=True)
+        shutil.copy(Path(__file__).with_name("show_figures.py"), startup / "00-show-figures.py")
+    return _IPYTHONDIR
+
+
+def _execute_only_plotting_tutorials(config, paths: list[Path]) -> None:
+    plugin = config.plugins.get("mkdocs-jupyter")
+    if plugin is None or not plugin.config.get("execute"):
+        return
+    ignore = plugin.config["execute_ignore"]
+    for p in paths:
+        if not PLOTS.search(p.read_text(encoding="utf-8")) and f"tutorials/{p.name}" not in ignore:
+            ignore.append(f"tutorials/{p.name}")
+    if any(not any(PurePath(p).match(pattern) for pattern in ignore) for p in paths):
+        # Some tutorial will run: the kernels that mkdocs-jupyter starts inherit this environment.
+        os.environ.setdefault("MINIMTP_FAST", "1")
+        os.environ["IPYTHONDIR"] = _ipython_dir()
+
+
 def on_config(config):
     if config.nav is not None:
         _add_optional_pages(config)
     paths = _tutorials(config)
+    _execute_only_plotting_tutorials(config, paths)
     nav = config.nav
     if not paths or nav is None:
         return config

@@ -9,6 +9,7 @@ or the ``per_layer_config`` form transformers 5.23 writes (docs: concepts/gemma4
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class TextConfig:
     eos_token_ids: tuple[int, ...] = (1,)
     source: str = "config.json"
 
-    @property
+    @functools.cached_property
     def kv_modes(self) -> tuple[str | None, ...]:
         """Per layer: ``"reuse"`` (no K/V of its own), ``"store"`` (last non-reuse layer of its type: the target's
         K/V the reuse layers and the assistant read) or None. With no sharing the last layer of each type stores

@@ -13,6 +13,7 @@ Equations follow transformers 5.23 (gemma4.md §2); the docs page concepts/gemma
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,9 +53,14 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(rope: RopeConfig, head_dim: int, device: torch.device) -> torch.Tensor:
+    return rope_inv_freq(rope, head_dim).to(device)
+
+
 def rope_cos_sin(rope: RopeConfig, head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin ``[T, d]`` with emb = concat(pos·inv_freq, pos·inv_freq) (rotate-half convention)."""
-    inv = rope_inv_freq(rope, head_dim).to(positions.device)
+    inv = _inv_freq_on(rope, head_dim, positions.device)
     freqs = positions.float()[:, None] * inv[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -891,7 +891,33 @@ def cmd_accept(args) -> None:
     tok = load_tokenizer(args.target)
     prompts = [tok.encode(p).ids for p in DEFAULT_PROMPTS]
     res = measure_acceptance(target, asst, prompts, args.new_tokens, args.k)
-    print(json.dumps(res, indent=2))
+    print(json.dumps({"simple_loop": res}))
+    if args.engine:  # the same prompts through minimtp's engine: acceptance and (noisy) wall-clock speed
+        from minimtp.engine import Engine
+
+        eng = Engine(target, asst)
+        for _ in range(2):  # warm-up of every shape
+            eng.generate(prompts[:1], max_new_tokens=16, num_speculative_tokens=args.k)
+            eng.generate(prompts[:1], max_new_tokens=16, use_assistant=False)
+        plain, spec = [], []
+        for p in prompts:
+            plain.append(eng.generate([p], max_new_tokens=args.new_tokens, use_assistant=False, stop_token_ids=[]))
+            spec.append(
+                eng.generate([p], max_new_tokens=args.new_tokens, num_speculative_tokens=args.k, stop_token_ids=[])
+            )
+        same = all(a.tokens == b.tokens for a, b in zip(plain, spec))
+        acc = sum(r.stats.accepted for r in spec) / max(1, sum(r.stats.drafted for r in spec))
+        rounds = sum(r.stats.draft_rounds for r in spec)
+        out = {
+            "k": args.k,
+            "identical_to_plain": same,
+            "acceptance_rate": round(acc, 3),
+            "mean_acceptance_length": round(1 + sum(r.stats.accepted for r in spec) / max(1, rounds), 3),
+            "plain_s": round(sum(r.stats.elapsed_s for r in plain), 3),
+            "spec_s": round(sum(r.stats.elapsed_s for r in spec), 3),
+        }
+        out["speedup"] = round(out["plain_s"] / out["spec_s"], 3)
+        print(json.dumps({"engine": out}))
 
 
 # ---------------------------------------------------------------------------------------------------- bench
@@ -1138,6 +1164,7 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"])
+    p.add_argument("--engine", action="store_true", help="also run minimtp.engine (acceptance, plain vs spec time)")
     p.set_defaults(func=cmd_accept)
 
     p = sub.add_parser("bench", help="1-token vs k-token forward latency, 1 thread, bf16 and fp32")

@@ -163,4 +163,4 @@ def test_shipped_pair_acceptance():
     tok = train.load_tokenizer(TARGET_DIR)
     prompts = [tok.encode(p).ids for p in train.DEFAULT_PROMPTS[:3]]
     res = train.measure_acceptance(target, asst, prompts, 32, asst.config.num_assistant_tokens)
-    assert res["acceptance_rate"] > 0.2, res
+    assert res["acceptance_rate"] > 0.4, res

@@ -133,17 +133,22 @@ def check_pair(target_cfg: TextConfig, cfg: AssistantConfig, where: str = "assis
 def load_assistant(path: str | os.PathLike, target: Gemma4, dtype=None, device=None) -> Gemma4Assistant:
     """Load a ``gemma4_assistant`` checkpoint directory and validate it against ``target`` at load time.
     ``dtype``/``device`` default to the target's."""
-    from minimtp.checkpoint import load_weights, parse_dtype
-
     path = os.fspath(path)
     cfg = load_assistant_config(path)
     check_pair(target.config, cfg, where=path)
     ref = target.model.embed_tokens.weight
-    dtype = ref.dtype if dtype is None else parse_dtype(dtype)
-    device = ref.device if device is None else torch.device(device)
+    return read_assistant(path, ref.dtype if dtype is None else dtype, ref.device if device is None else device, cfg)
+
+
+def read_assistant(path, dtype=torch.float32, device="cpu", cfg: AssistantConfig | None = None) -> Gemma4Assistant:
+    """Load an assistant directory without a target to check it against (training, inspection)."""
+    from minimtp.checkpoint import load_weights, parse_dtype
+
+    path = os.fspath(path)
+    cfg = load_assistant_config(path) if cfg is None else cfg
     with torch.device("meta"):
         model = Gemma4Assistant(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    weights = load_weights(path, expected, dtype=dtype, device=device)
+    weights = load_weights(path, expected, dtype=parse_dtype(dtype), device=torch.device(device))
     model.load_state_dict(weights, assign=True, strict=True)
     return model.eval().requires_grad_(False)

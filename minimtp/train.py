@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minimtp.assistant import DraftDenseContext, Gemma4Assistant
-from minimtp.config import FULL, SLIDING, AssistantConfig, load_assistant_config, load_text_config, parse_text_config
-from minimtp.model import Gemma4
+from minimtp.assistant import DraftDenseContext, Gemma4Assistant, read_assistant
+from minimtp.config import FULL, SLIDING, AssistantConfig, parse_text_config
+from minimtp.model import Gemma4, load_target
 
 PAD, EOS, BOS, SOT, EOT = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
@@ -446,27 +446,9 @@ def export_assistant(model: Gemma4Assistant, config_dict: dict, dest: str, k: in
         _write_json(os.path.join(dest, "training_info.json"), info)
 
 
-def load_target(path: str, dtype=torch.float32) -> Gemma4:
-    """A Gemma4 from a Hugging Face directory (weights cast to ``dtype``), frozen, eval mode."""
-    from minimtp.checkpoint import load_weights
-
-    cfg = load_text_config(path)
-    with torch.device("meta"):
-        model = Gemma4(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(load_weights(path, expected, dtype=dtype), assign=True, strict=True)
-    return model.eval().requires_grad_(False)
-
-
 def load_assistant_dir(path: str, dtype=torch.float32) -> Gemma4Assistant:
-    from minimtp.checkpoint import load_weights
-
-    cfg = load_assistant_config(path)
-    with torch.device("meta"):
-        model = Gemma4Assistant(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(load_weights(path, expected, dtype=dtype), assign=True, strict=True)
-    return model.eval().requires_grad_(False)
+    """An assistant directory loaded without a target to validate it against."""
+    return read_assistant(path, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, and transformers imports triton (via torch._dynamo)
+# early: minimtp.kernels sets it (interpreter without CUDA) and imports no triton itself, so import it first.
+import minimtp.kernels  # noqa: E402, F401
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated, and transformers imports triton (via torch._dynamo)
-# early: set it before anything else so every kernel runs under the interpreter on a machine without CUDA.
-if os.environ.get("MINIMTP_KERNEL_COMPILE_ONLY") != "1" and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import patch_transformers, saved_pair  # noqa: E402

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimtp.checkpoint import parse_dtype
 from minimtp.config import SLIDING, AssistantConfig, TextConfig, load_assistant_config
-from minimtp.errors import CompatibilityError
+from minimtp.errors import CheckpointError, CompatibilityError
 from minimtp.model import Gemma4, TextModel, rope_cos_sin
 
 
@@ -56,17 +57,43 @@ class Gemma4Assistant(nn.Module):
             self.masked_embedding = CentroidHead(cfg)
         self._rope_types = {lt: (t.rope[lt], t.type_head_dim(lt)) for lt in set(t.layer_types)}
 
+    def quantize_int8(self) -> Gemma4Assistant:
+        """Weight-only int8 drafting (:mod:`minimtp.quantize`): every linear layer and the tied dense head. Exactness
+        is unaffected (the target verifies); only acceptance can change."""
+        from minimtp.quantize import Int8Linear, quantize_int8_
+
+        head = None if self.config.use_ordered_embeddings else Int8Linear(self.model.embed_tokens.weight)
+        quantize_int8_(self)
+        self.lm_head_int8 = head
+        return self
+
+    @property
+    def weights_dtype(self) -> str:
+        """``"int8"`` after :meth:`quantize_int8`, else the weights' dtype name (``"bfloat16"``, ...)."""
+        if hasattr(self, "lm_head_int8"):
+            return "int8"
+        return str(self.model.norm.weight.dtype).removeprefix("torch.")
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Draft logits from the final-norm output h (not from the projection); never softcapped."""
+        if getattr(self, "lm_head_int8", None) is not None:
+            return self.lm_head_int8(h)
         if self.config.use_ordered_embeddings:
             return self.masked_embedding(h, self.model.embed_tokens.weight)
         return h @ self.model.embed_tokens.weight.T
 
-    def step(self, token_emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, ctx):
+    def rope(self, positions: torch.Tensor) -> dict:
+        """cos/sin per layer type at ``positions`` ``[N]`` (constant within a drafting round: compute once)."""
+        dt = self.model.norm.weight.dtype
+        return {lt: rope_cos_sin(r, d, positions, dt) for lt, (r, d) in self._rope_types.items()}
+
+    def step(self, token_emb: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, ctx, rope=None):
         """One drafting step for N queries: ``token_emb`` ``[N, H_t]`` (target's scaled embedding of the last token),
-        ``hidden`` ``[N, H_t]``, ``positions`` ``[N]``. Returns (logits ``[N, V]``, next hidden ``[N, H_t]``)."""
-        x = self.pre_projection(torch.cat([token_emb, hidden], dim=-1))
-        rope = {lt: rope_cos_sin(r, d, positions, x.dtype) for lt, (r, d) in self._rope_types.items()}
+        ``hidden`` ``[N, H_t]``, ``positions`` ``[N]`` (``rope``: :meth:`rope` of them, if already computed).
+        Returns (logits ``[N, V]``, next hidden ``[N, H_t]``)."""
+        act = self.model.norm.weight.dtype  # the drafter may run in its own dtype
+        x = self.pre_projection(torch.cat([token_emb, hidden], dim=-1).to(act))
+        rope = self.rope(positions) if rope is None else rope
         for layer in self.model.layers:
             x = layer(x, rope[layer.self_attn.layer_type], ctx)
         h = self.model.norm(x)
@@ -95,8 +122,8 @@ class DraftDenseContext:
             mask &= kpos[None, None, None, :] >= p - (self.cfg.sliding_window + 1)
         o = F.scaled_dot_product_attention(
             q.view(B, Sq, *q.shape[1:]).transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+            k.to(q.dtype).transpose(1, 2),  # the drafter may run in another dtype than the target
+            v.to(q.dtype).transpose(1, 2),
             attn_mask=mask,
             scale=1.0,
             enable_gqa=q.shape[1] != k.shape[2],
@@ -132,12 +159,23 @@ def check_pair(target_cfg: TextConfig, cfg: AssistantConfig, where: str = "assis
 
 def load_assistant(path: str | os.PathLike, target: Gemma4, dtype=None, device=None) -> Gemma4Assistant:
     """Load a ``gemma4_assistant`` checkpoint directory and validate it against ``target`` at load time.
-    ``dtype``/``device`` default to the target's."""
+    ``dtype``/``device`` default to the target's; ``dtype="int8"`` loads bfloat16 and quantizes the weights to int8
+    (:meth:`Gemma4Assistant.quantize_int8`, CPU drafting)."""
     path = os.fspath(path)
     cfg = load_assistant_config(path)
     check_pair(target.config, cfg, where=path)
     ref = target.model.embed_tokens.weight
-    return read_assistant(path, ref.dtype if dtype is None else dtype, ref.device if device is None else device, cfg)
+    int8 = isinstance(dtype, str) and dtype.strip().lower() == "int8"
+    if dtype is not None and not int8:
+        try:
+            dtype = parse_dtype(dtype)
+        except CheckpointError:
+            raise CheckpointError(
+                f"unsupported assistant dtype '{dtype}': expected one of float32, bfloat16, float16, int8"
+            ) from None
+    dtype = torch.bfloat16 if int8 else (ref.dtype if dtype is None else dtype)
+    model = read_assistant(path, dtype, ref.device if device is None else device, cfg)
+    return model.quantize_int8() if int8 else model
 
 
 def read_assistant(path, dtype=torch.float32, device="cpu", cfg: AssistantConfig | None = None) -> Gemma4Assistant:

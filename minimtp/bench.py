@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--assistant", default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--draft-dtype", default="auto", help="assistant dtype (see python -m minimtp.generate --help)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a 2-vCPU VM)")
     p.add_argument("--ks", default="1,2,3,4,6", help="draft lengths to try")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
 
     from minimtp import Engine, load_assistant, load_target
     from minimtp.errors import MinimtpError
-    from minimtp.generate import _checkpoint_dtype, load_tokenizer
+    from minimtp.generate import _checkpoint_dtype, draft_dtype, load_tokenizer
 
     try:
         torch.set_flush_denormal(True)
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
         dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
         tok = load_tokenizer(model_dir)
         target = load_target(model_dir, dtype=dtype)
-        engine = Engine(target, load_assistant(asst_dir, target), attention_backend=args.attention)
+        assistant = load_assistant(asst_dir, target, dtype=draft_dtype(args.draft_dtype, target))
+        engine = Engine(target, assistant, attention_backend=args.attention)
         ks = [int(x) for x in args.ks.split(",")]
         kinds = args.prompts.split(",")
         unknown = [k for k in kinds if k not in PROMPTS]
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
         return 2
     rows = summarize(res, ks)
     header = (
-        f"minimtp bench: {os.path.basename(os.path.abspath(model_dir))} ({dtype}), {args.threads} thread(s), "
+        f"minimtp bench: {os.path.basename(os.path.abspath(model_dir))} ({dtype}, assistant "
+        f"{engine.assistant.weights_dtype}), {args.threads} thread(s), "
         f"T={args.temperature}, {args.max_new_tokens} new tokens, median of {args.repeats} interleaved repeats"
     )
     md = markdown(rows, header)

@@ -21,7 +21,7 @@ import torch
 from minimtp.attention import get_attention_backend
 from minimtp.config import SLIDING
 from minimtp.errors import CompatibilityError, GenerationError
-from minimtp.kv_cache import DraftPagedContext, KVCache, PagedContext
+from minimtp.kv_cache import DraftPagedContext, DraftRoundContext, KVCache, PagedContext
 from minimtp.sampling import SamplingParams, draw_exponentials, draw_uniforms, make_generators, process_logits, sample
 
 
@@ -207,15 +207,19 @@ class Engine:
         dev = self.device
         ids = [s.idx for s in seqs]
         p = torch.tensor([s.cache_len for s in seqs], device=dev)
-        ctx = DraftPagedContext(
-            cache, self.assistant.config.text, self.attention, cache.block_tables(ids, dev), p.to(torch.int32)
-        )
+        if self.attention_backend == "torch":  # the round's K/V gathered once (same keys at every step)
+            ctx = DraftRoundContext(cache, self.assistant.config.text, ids, [s.cache_len for s in seqs])
+        else:  # the paged kernel reads the blocks in place
+            ctx = DraftPagedContext(
+                cache, self.assistant.config.text, self.attention, cache.block_tables(ids, dev), p.to(torch.int32)
+            )
         last = torch.tensor([s.pending for s in seqs], device=dev)
         hidden = torch.stack([s.hidden for s in seqs])
         drafts, qs = [], []
         sampled = self.draft_mode == "sample" and not params.is_greedy
+        rope = self.assistant.rope(p)  # the position is the same at every step of the round
         for j in range(max(ks)):
-            logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx)
+            logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
             if sampled:
                 q = process_logits(logits, params)
                 # only sequences that use step j draw from their generator: a sequence's random stream never
@@ -226,7 +230,7 @@ class Engine:
                 last = sample(q, noise)
                 qs.append(q)
             else:
-                last = logits.argmax(-1)
+                last = logits.float().argmax(-1)  # (exact upcast; float32 argmax is the faster CPU kernel)
             drafts.append(last)
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if sampled else None)
 

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's dtype)")
+    p.add_argument(
+        "--draft-dtype",
+        default="auto",
+        help="assistant dtype: float32 | bfloat16 | float16 | int8 (weight-only) | auto (int8 on CPU for a 16-bit "
+        "target, else the target's dtype)",
+    )
     p.add_argument("--draft-mode", choices=["argmax", "sample"], default="argmax")
     p.add_argument("--attention", choices=["torch", "triton"], default="torch", help="paged-attention backend")
     p.add_argument("--verifier", choices=["torch", "triton"], default="torch", help="verification backend")
@@ -53,6 +59,19 @@ def _checkpoint_dtype(model_dir: str) -> str:
         return "float32"
     dt = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
     return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+def draft_dtype(arg: str, target) -> str | None:
+    """The assistant's dtype. ``auto``: weight-only ``int8`` on CPU when the target runs in 16 bits, else the target's
+    dtype (None). A draft step is a chain of one-row matmuls that stream every drafter weight once, so on a CPU its
+    cost follows the bytes of the weights: int8 halves them (measured: docs/benchmarks.md). The drafter only
+    proposes; the target's distribution is untouched (minimtp.quantize)."""
+    import torch
+
+    if arg != "auto":
+        return arg
+    w = target.model.embed_tokens.weight
+    return "int8" if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)) else None
 
 
 def load_tokenizer(model_dir: str):
@@ -155,7 +174,7 @@ def _run(args, torch) -> int:
     tok = load_tokenizer(model_dir)
     dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
     target = load_target(model_dir, dtype=dtype)
-    assistant = load_assistant(asst_dir, target) if asst_dir else None
+    assistant = load_assistant(asst_dir, target, dtype=draft_dtype(args.draft_dtype, target)) if asst_dir else None
     engine = Engine(
         target, assistant, attention_backend=args.attention, verify_backend=args.verifier, draft_mode=args.draft_mode
     )

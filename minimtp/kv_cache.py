@@ -15,6 +15,7 @@ Layout (docs: concepts/paged-kv-cache). Every layer that computes K/V (not the K
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from minimtp.config import SLIDING, TextConfig
 from minimtp.errors import CacheFullError
@@ -153,3 +154,50 @@ class DraftPagedContext:
         w = self.dcfg.sliding_window + 1 if t == SLIDING else 0
         out = self.backend(q.to(kc.dtype), kc, vc, self.block_tables[t], self.seq_lens, self.cu_q_lens, w, 1.0)
         return out.to(q.dtype)
+
+
+class DraftRoundContext:
+    """The same view as :class:`DraftPagedContext`, gathered once per drafting round.
+
+    Within a round every draft step queries the same position p against the same target K/V, so the visible
+    keys (full layers: positions < p; sliding layers: the last W+1 of them) are copied out of the blocks once,
+    as contiguous float32 ``[B, kvh, S, d]`` (padded across sequences and masked), and each step is one dense
+    attention call. This is the CPU path of the torch backend: on a CPU a k-step round then reads the blocks once
+    instead of k times, and float32 attention over a few hundred keys is several times faster than bfloat16."""
+
+    def __init__(self, cache: KVCache, draft_cfg: TextConfig, seqs: list[int], positions: list[int]):
+        self.dcfg, self.kv, self.mask = draft_cfg, {}, {}
+        bs = cache.block_size
+        for t in sorted(set(draft_cfg.layer_types)):
+            src = cache.cfg.store_layer(t)
+            kc, vc = cache.k[src], cache.v[src]
+            lo = [max(0, p - (draft_cfg.sliding_window + 1)) if t == SLIDING else 0 for p in positions]
+            slots = [
+                [cache.tables[s][t][j // bs] * bs + j % bs for j in range(a, p)] for s, a, p in zip(seqs, lo, positions)
+            ]
+            S = max(1, max(len(x) for x in slots))
+            idx = torch.tensor([x + [0] * (S - len(x)) for x in slots], dtype=torch.int64, device=kc.device)
+            flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
+            # [B, S, kvh, d] -> [B, kvh, S, d], float32
+            k = flat_k[idx.view(-1)].view(len(seqs), S, *kc.shape[2:]).transpose(1, 2).float()
+            v = flat_v[idx.view(-1)].view(len(seqs), S, *vc.shape[2:]).transpose(1, 2).float()
+            self.kv[t] = (k, v)
+            lens = [len(x) for x in slots]
+            if min(lens) < S:  # ragged batch: mask the padding (a query with no key at all gets zeros)
+                keep = torch.arange(S, device=kc.device)[None, :] < torch.tensor(lens, device=kc.device)[:, None]
+                self.mask[t] = keep[:, None, None, :]
+            else:
+                self.mask[t] = None
+
+    def store(self, i, k, v):  # pragma: no cover
+        raise RuntimeError("assistant layers do not produce K/V")
+
+    def attend(self, i, q, window):
+        t = self.dcfg.layer_types[i]
+        k, v = self.kv[t]
+        B, Hq, d = q.shape
+        mask = self.mask[t]
+        o = F.scaled_dot_product_attention(
+            q.float()[:, :, None, :], k, v, attn_mask=mask, scale=1.0, enable_gqa=Hq != k.shape[1]
+        )[:, :, 0, :]
+        return (o if mask is None else torch.nan_to_num(o)).to(q.dtype)

@@ -705,6 +705,11 @@ def cmd_assistant(args) -> None:
         if target.config.hidden_size == acfg.text.hidden_size:
             with torch.no_grad():
                 asst.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+    if getattr(args, "init_from", None) and not resume:  # warm start: continue distilling a shipped assistant
+        src = read_assistant(args.init_from, torch.float32)
+        missing = asst.load_state_dict(src.state_dict(), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise SystemExit(f"error: --init-from {args.init_from}: shape/key mismatch {missing}")
     opt = make_optimizer(asst, args.lr, args.weight_decay)
     step0 = load_checkpoint(run, asst, opt)["step"] if resume else 0
     _save_args(run, args)
@@ -1132,6 +1137,7 @@ def main(argv=None) -> None:
     p.add_argument("--draft-steps", type=int, default=4, help="recurrent steps trained per position")
     p.add_argument("--draft-tokens", type=int, default=4, help="num_assistant_tokens written to generation_config")
     p.add_argument("--init-from-target", action="store_true", help="copy the target embedding when sizes match")
+    p.add_argument("--init-from", default=None, help="warm start from an assistant directory of the same shape")
     p.set_defaults(func=cmd_assistant)
 
     p = sub.add_parser("export", help="Hugging Face directory from a run's latest checkpoint")

@@ -65,6 +65,9 @@ def test_greedy_speculative_equals_plain_through_the_cli(capsys):
         ["--temperature", "1.0", "--min-p", "0.1", "--seed", "2", "--draft-mode", "argmax"],
         ["--dtype", "bfloat16", "--num-speculative-tokens", "2"],
         ["--dtype", "float32", "--threads", "1"],
+        ["--draft-dtype", "int8", "--temperature", "0.7", "--draft-mode", "sample", "--seed", "4"],
+        ["--draft-dtype", "float16"],
+        ["--draft-dtype", "float32", "--dtype", "bfloat16"],
         ["--chat"],
     ],
 )
@@ -123,6 +126,7 @@ def test_explicit_model_and_assistant_dirs(capsys):
         (["--prompt", "x", "--min-p", "1.5"], "min_p=1.5"),
         (["--prompt", "x", "-k", "0"], "num_speculative_tokens = 0"),
         (["--prompt", "x", "--dtype", "int8"], "unsupported dtype 'int8'"),
+        (["--prompt", "x", "--draft-dtype", "int4"], "unsupported assistant dtype 'int4'"),
         (["--prompt", ""], "the prompt is empty"),
         (["--prompt-file", "/nonexistent/p.txt"], "/nonexistent/p.txt"),
     ],

@@ -151,6 +151,24 @@ def test_plain_greedy_equals_transformers(plain, family):
     assert out[0, ids.shape[1] :].tolist() == list(plain(family)[1])
 
 
+@pytest.mark.parametrize("draft_dtype", ["int8", "float16", "bfloat16"])
+@pytest.mark.parametrize("family", ["e2b", "dense"])
+def test_greedy_exact_with_cheaper_drafters(saved, plain, family, draft_dtype):
+    """A quantized / half-precision drafter (fp32 target) changes acceptance, never the tokens."""
+    target, _ = models_untied(saved, family)
+    assistant = minimtp.load_assistant(saved(family)[1], target, dtype=draft_dtype)
+    assert assistant.weights_dtype == draft_dtype
+    res = minimtp.Engine(target, assistant).generate(
+        PROMPTS, N_NEW, num_speculative_tokens=3, temperature=0.0, stop_token_ids=[]
+    )
+    assert [tuple(t) for t in res.tokens] == list(plain(family))
+    assert res.stats.drafted >= 3 * (res.stats.target_steps - 3)  # it really drafted, every round
+
+
+def models_untied(saved, family):
+    return untie_minimtp(minimtp.load_target(saved(family)[0])), None
+
+
 def test_batching_does_not_change_greedy_output(models, plain):
     """Each prompt alone gives the same tokens as in the ragged batch (plain and speculative)."""
     target, assistant = models("e2b")
@@ -196,7 +214,7 @@ class Oracle:
         monkeypatch.setattr(engine, "_draft", draft)
         monkeypatch.setattr(engine.assistant, "step", self.step)
 
-    def step(self, token_emb, hidden, positions, ctx):
+    def step(self, token_emb, hidden, positions, ctx, rope=None):
         j, N = self.j, len(self.rows)
         assert positions.tolist() == [p for _, p in self.rows]  # constant position within the round
         last = [self.full[i][p] for i, p in self.rows] if j == 0 else self.prev.tolist()

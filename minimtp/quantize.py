@@ -1,0 +1,69 @@
+"""Weight-only int8 for the drafter (CPU).
+
+The assistant only *proposes* tokens; the target decides. A cheaper, approximate drafter therefore never changes
+what is generated, only how often drafts are accepted: argmax drafts are checked with the one-hot rule, sampled
+drafts against the very q they were sampled from (docs: concepts/speculative-decoding). The target is never
+quantized.
+
+On a CPU one draft step is a chain of one-row matmuls that stream every drafter weight from memory once, so the
+step costs about (bytes of weights) / (memory bandwidth). Symmetric per-output-channel int8 halves the bytes of
+bfloat16:
+
+    s_n = max_k |W[n, k]| / 127,   Q[n, k] = round(W[n, k] / s_n) ∈ [-127, 127],   y = (x Qᵀ) ⊙ s
+
+computed by ``torch.ops.aten._weight_int8pack_mm`` (the kernel torch.compile and torchao use for int8 weight-only
+linears on CPU) with bfloat16 activations, or, for shapes that kernel does not take, by dequantizing on the fly as
+gpt-fast's int8 mode does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _has_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """``y = (x Qᵀ) ⊙ s (+ b)`` with ``Q`` int8 ``[N, K]`` and per-row scales ``s`` (bfloat16 activations)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        # the packed kernel needs K % 16 == 0 (other K crash or return NaN in torch 2.13); keep a margin
+        self.use_kernel = self.in_features % 32 == 0 and _has_kernel() and w.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.use_kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight this layer multiplies by (``Q ⊙ s``): the reference its tests compare against."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+def quantize_int8_(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place; the rest goes to
+    bfloat16. Returns the module."""
+    module.to(torch.bfloat16)
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child.weight, child.bias))
+        else:
+            quantize_int8_(child)
+    return module

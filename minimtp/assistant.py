@@ -80,7 +80,19 @@ class Gemma4Assistant(nn.Module):
             return self.lm_head_int8(h)
         if self.config.use_ordered_embeddings:
             return self.masked_embedding(h, self.model.embed_tokens.weight)
-        return h @ self.model.embed_tokens.weight.T
+        head = self.__dict__.get("_packed_head")
+        return head(h) if head is not None else h @ self.model.embed_tokens.weight.T
+
+    def prepack(self) -> int:
+        """bfloat16 on CPU: oneDNN-prepacked linears and dense head (:mod:`minimtp.onednn`). Returns the count."""
+        from minimtp.onednn import PackedLinear, available, prepack_
+
+        n = prepack_(self)
+        w = self.model.embed_tokens.weight
+        if not self.config.use_ordered_embeddings and not hasattr(self, "lm_head_int8") and available(w):
+            object.__setattr__(self, "_packed_head", PackedLinear(w))
+            n += 1
+        return n
 
     def rope(self, positions: torch.Tensor) -> dict:
         """cos/sin per layer type at ``positions`` ``[N]`` (constant within a drafting round: compute once)."""

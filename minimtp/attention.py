@@ -53,15 +53,18 @@ def paged_attention(
         lo = max(0, first_q - window + 1) if window > 0 else 0  # oldest key any query here can see
         b0, b1 = lo // block_size, (L + block_size - 1) // block_size
         blocks = block_tables[b, b0:b1].long()
-        k = k_cache[blocks].reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size]
-        v = v_cache[blocks].reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size]
-        qpos = torch.arange(first_q, L)[:, None]
-        kpos = torch.arange(lo, L)[None, :]
-        mask = kpos <= qpos
-        if window > 0:
-            mask &= kpos > qpos - window
+        # float32 math (as the kernels accumulate; on CPU also several times faster than bfloat16 attention)
+        k = k_cache[blocks].reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size].float()
+        v = v_cache[blocks].reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size].float()
+        mask = None  # one query sees exactly the keys lo..L-1
+        if q_len > 1:
+            qpos = torch.arange(first_q, L)[:, None]
+            kpos = torch.arange(lo, L)[None, :]
+            mask = kpos <= qpos
+            if window > 0:
+                mask &= kpos > qpos - window
         o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1)[None],  # [1, Hq, q_len, D]
+            q[s:e].transpose(0, 1)[None].float(),  # [1, Hq, q_len, D]
             k.transpose(0, 1)[None],  # [1, Hkv, n_keys, D]
             v.transpose(0, 1)[None],
             attn_mask=mask,

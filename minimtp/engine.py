@@ -122,6 +122,7 @@ class Engine:
     ``draft_mode="argmax"`` drafts argmax q and verifies with the one-hot rule (accept with p(x): expected
     acceptance p(argmax q)); ``"sample"`` samples drafts from the processed drafter distribution q' and accepts
     with min(1, p/q') (expected acceptance Σ min(p, q')). Both are exact; at temperature 0 both are greedy.
+    ``prepack=True`` packs bfloat16 CPU weights for oneDNN once (:mod:`minimtp.onednn`, bit-identical matmuls).
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         draft_mode: str = "argmax",
+        prepack: bool = True,
     ):
         self.target, self.assistant = target, assistant
         self.cfg = target.config
@@ -150,6 +152,10 @@ class Engine:
             check_pair(self.cfg, assistant.config)
         self.dtype = target.model.embed_tokens.weight.dtype
         self.device = target.model.embed_tokens.weight.device
+        if prepack:  # bfloat16 on CPU: oneDNN-packed weights, bit-identical and ~2x faster (minimtp.onednn)
+            target.prepack()
+            if assistant is not None:
+                assistant.prepack()
 
     @property
     def default_num_speculative_tokens(self) -> int:

@@ -273,8 +273,20 @@ class Gemma4(nn.Module):
         """The scaled input embedding e = E[ids]·sqrt(H) (the assistant's input too)."""
         return self.model.embed_tokens(ids)
 
+    def prepack(self) -> int:
+        """bfloat16 on CPU: prepack every linear and the head for oneDNN (:mod:`minimtp.onednn`; bit-identical,
+        about 2x faster matmuls when decoding). Returns how many matrices were packed (0 elsewhere)."""
+        from minimtp.onednn import PackedLinear, available, prepack_
+
+        n = prepack_(self)
+        if available(self.lm_head_weight):  # kept out of the module tree: the state dict does not change
+            object.__setattr__(self, "_packed_head", PackedLinear(self.lm_head_weight))
+            n += 1
+        return n
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = hidden @ self.lm_head_weight.T
+        head = self.__dict__.get("_packed_head")
+        logits = head(hidden) if head is not None else hidden @ self.lm_head_weight.T
         cap = self.config.final_logit_softcapping
         if cap:
             logits = cap * torch.tanh(logits / cap)

@@ -222,16 +222,33 @@ class Batches:
     Each row is ``<bos>`` + a random window of the code stream (or, with probability ``chat_frac``, of the chat
     stream), ``seq_len + 1`` tokens in all (inputs and shifted labels)."""
 
-    def __init__(self, data_dir: str, split: str, batch: int, seq_len: int, seed: int, chat_frac: float = 0.1):
+    def __init__(
+        self,
+        data_dir: str,
+        split: str,
+        batch: int,
+        seq_len: int,
+        seed: int,
+        chat_frac: float = 0.1,
+        selfgen_frac: float = 0.0,
+    ):
         self.code = np.load(os.path.join(data_dir, f"{split}.npy"))
         chat_path = os.path.join(data_dir, "chat.npy")
         self.chat = np.load(chat_path) if split == "train" and os.path.isfile(chat_path) else None
         self.batch, self.seq_len, self.seed, self.chat_frac = batch, seq_len, seed, chat_frac
+        self.selfgen, self.selfgen_frac = None, selfgen_frac
+        if selfgen_frac > 0:  # rows written by `selfgen`: <bos> + corpus prompt + the target's own continuation
+            self.selfgen = np.load(os.path.join(data_dir, f"selfgen_{split}.npy"))
+            if self.selfgen.shape[1] < seq_len + 1:
+                raise SystemExit(f"error: selfgen rows have {self.selfgen.shape[1]} tokens, need seq_len + 1")
 
     def get(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, step])
         rows = []
         for _ in range(self.batch):
+            if self.selfgen is not None and rng.random() < self.selfgen_frac:
+                rows.append(self.selfgen[int(rng.integers(0, len(self.selfgen))), : self.seq_len + 1])
+                continue
             src = self.code
             if self.chat is not None and len(self.chat) > self.seq_len and rng.random() < self.chat_frac:
                 src = self.chat
@@ -715,8 +732,10 @@ def cmd_assistant(args) -> None:
     _save_args(run, args)
     n = count_params(asst)
     print(f"assistant: {n / 1e6:.2f}M params, start at step {step0}", file=sys.stderr)
-    train_b = Batches(os.path.join(run, "data"), "train", args.batch_size, args.seq_len, args.seed, args.chat_frac)
-    val_b = Batches(os.path.join(run, "data"), "val", args.batch_size, args.seq_len, args.seed + 1, 0.0)
+    frac = getattr(args, "selfgen_frac", 0.0) or 0.0
+    data = args.selfgen_data or os.path.join(run, "data") if frac else os.path.join(run, "data")
+    train_b = Batches(data, "train", args.batch_size, args.seq_len, args.seed, args.chat_frac, frac)
+    val_b = Batches(data, "val", args.batch_size, args.seq_len, args.seed + 1, 0.0, frac)
 
     def loss_fn(step):
         asst.train()
@@ -745,6 +764,46 @@ def cmd_assistant(args) -> None:
     export_assistant(asst, cfg_dict, os.path.join(run, "final"), args.draft_tokens, info)
     plot_report(run)
     print(f"exported {os.path.join(run, 'final')}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------- the target's own continuations
+
+
+def cmd_selfgen(args) -> None:
+    """Distillation data the way the drafter is used: the frozen target's own continuations of corpus prompts.
+
+    Each row is ``<bos>`` + ``--prompt-len`` corpus tokens + the target's continuation (greedy, or sampled at
+    ``--temperature`` for a ``--sample-frac`` share of the rows), ``--seq-len + 1`` tokens in all, written to
+    ``OUT/selfgen_{train,val}.npy`` next to the tokenized corpus. A drafter is judged on the target's outputs,
+    not on human code; training on them (as Medusa-2's and EAGLE's self-distillation do) aligns the two."""
+    _setup(args)
+    from minimtp.engine import Engine
+
+    prepare_data(args.target, args.out, args.max_files)
+    target = load_target(args.target, torch.bfloat16)
+    engine = Engine(target)
+    n_new = args.seq_len + 1 - 1 - args.prompt_len
+    for split, n in (("train", args.sequences), ("val", max(args.batch, args.sequences // 50))):
+        code = np.load(os.path.join(args.out, f"{split}.npy"))
+        rng = np.random.default_rng([args.seed, 0 if split == "train" else 1])
+        rows = []
+        from tqdm import tqdm
+
+        for b0 in tqdm(range(0, n, args.batch), desc=f"selfgen {split}", file=sys.stderr):
+            m = min(args.batch, n - b0)
+            starts = rng.integers(0, len(code) - args.prompt_len, m)
+            prompts = [[BOS] + code[i : i + args.prompt_len].tolist() for i in starts]
+            sampled = rng.random() < args.sample_frac
+            res = engine.generate(
+                prompts,
+                max_new_tokens=n_new,
+                temperature=args.temperature if sampled else 0.0,
+                seed=int(rng.integers(1 << 31)),
+                stop_token_ids=[],
+            )
+            rows.extend(p + t for p, t in zip(prompts, res.tokens))
+        np.save(os.path.join(args.out, f"selfgen_{split}.npy"), np.asarray(rows, dtype=np.uint16))
+        print(f"wrote {len(rows)} x {len(rows[0])} tokens to selfgen_{split}.npy", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- decoding/acceptance
@@ -1138,7 +1197,23 @@ def main(argv=None) -> None:
     p.add_argument("--draft-tokens", type=int, default=4, help="num_assistant_tokens written to generation_config")
     p.add_argument("--init-from-target", action="store_true", help="copy the target embedding when sizes match")
     p.add_argument("--init-from", default=None, help="warm start from an assistant directory of the same shape")
+    p.add_argument("--selfgen-frac", type=float, default=0.0, help="share of rows from the target's continuations")
+    p.add_argument("--selfgen-data", default=None, help="data directory written by `selfgen` (default OUT/data)")
     p.set_defaults(func=cmd_assistant)
+
+    p = sub.add_parser("selfgen", help="the frozen target's own continuations of corpus prompts (distillation data)")
+    p.add_argument("--target", required=True, help="the target's Hugging Face directory")
+    p.add_argument("--out", required=True, help="data directory (the tokenized corpus is written there too)")
+    p.add_argument("--sequences", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="row length - 1 (the assistant's --seq-len)")
+    p.add_argument("--sample-frac", type=float, default=0.25, help="share of batches sampled instead of greedy")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-files", type=int, default=None)
+    p.set_defaults(func=cmd_selfgen)
 
     p = sub.add_parser("export", help="Hugging Face directory from a run's latest checkpoint")
     p.add_argument("--out", required=True, help="run directory")

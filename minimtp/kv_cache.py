@@ -172,17 +172,19 @@ class DraftRoundContext:
             src = cache.cfg.store_layer(t)
             kc, vc = cache.k[src], cache.v[src]
             lo = [max(0, p - (draft_cfg.sliding_window + 1)) if t == SLIDING else 0 for p in positions]
-            slots = [
-                [cache.tables[s][t][j // bs] * bs + j % bs for j in range(a, p)] for s, a, p in zip(seqs, lo, positions)
-            ]
-            S = max(1, max(len(x) for x in slots))
-            idx = torch.tensor([x + [0] * (S - len(x)) for x in slots], dtype=torch.int64, device=kc.device)
+            lens = [p - a for a, p in zip(lo, positions)]
+            S = max(1, max(lens))
+            rows = []
+            for s, a, n in zip(seqs, lo, lens):  # slots of positions a .. a+n-1 (padding repeats the last one)
+                table = torch.tensor([b or 0 for b in cache.tables[s][t]], dtype=torch.int64)
+                pos = torch.arange(a, a + S).clamp(max=a + max(n, 1) - 1)
+                rows.append(table[pos // bs] * bs + pos % bs)
+            idx = torch.stack(rows).to(kc.device)
             flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
-            # [B, S, kvh, d] -> [B, kvh, S, d], float32
-            k = flat_k[idx.view(-1)].view(len(seqs), S, *kc.shape[2:]).transpose(1, 2).float()
-            v = flat_v[idx.view(-1)].view(len(seqs), S, *vc.shape[2:]).transpose(1, 2).float()
+            # [B, S, kvh, d] float32 (a contiguous conversion), viewed as [B, kvh, S, d]
+            k = flat_k[idx.view(-1)].float().view(len(seqs), S, *kc.shape[2:]).transpose(1, 2)
+            v = flat_v[idx.view(-1)].float().view(len(seqs), S, *vc.shape[2:]).transpose(1, 2)
             self.kv[t] = (k, v)
-            lens = [len(x) for x in slots]
             if min(lens) < S:  # ragged batch: mask the padding (a query with no key at all gets zeros)
                 keep = torch.arange(S, device=kc.device)[None, :] < torch.tensor(lens, device=kc.device)[:, None]
                 self.mask[t] = keep[:, None, None, :]

@@ -59,17 +59,17 @@ def _inv_freq_on(rope: RopeConfig, head_dim: int, device: torch.device) -> torch
 
 
 def rope_cos_sin(rope: RopeConfig, head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin ``[T, d]`` with emb = concat(pos·inv_freq, pos·inv_freq) (rotate-half convention)."""
+    """cos, sin ``[T, 1, d]`` (broadcast over heads) with emb = concat(pos·inv_freq, pos·inv_freq) (rotate-half)."""
     inv = _inv_freq_on(rope, head_dim, positions.device)
     freqs = positions.float()[:, None] * inv[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x' = x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁]; x: ``[T, heads, d]``."""
+    """x' = x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁]; x: ``[T, heads, d]``, cos/sin ``[T, 1, d]``."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:

@@ -376,3 +376,27 @@ def test_dtype_names_accepted(saved):
     for name in ("float32", "fp32", "bf16", "bfloat16", "torch.bfloat16"):
         m = minimtp.load_target(saved("e2b")[0], dtype=name)
         assert m.model.embed_tokens.weight.dtype in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_rmsnorm_equals_transformers_bit_for_bit(dtype, with_scale):
+    """minimtp's RMSNorm (torch's fused rms_norm) vs transformers' Gemma4RMSNorm (pow(-0.5) in float32): equal
+    bit for bit on 1..17 rows, large and small magnitudes, 16-bit and 32-bit inputs."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    from minimtp.model import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    ours, theirs = RMSNorm(384, 1e-6, with_scale), Gemma4RMSNorm(384, 1e-6, with_scale)
+    if with_scale:
+        w = torch.randn(384, generator=g)
+        ours.weight.data.copy_(w)
+        theirs.weight.data.copy_(w)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    for rows, scale in ((1, 1.0), (4, 30.0), (17, 1e-3)):
+        x = (torch.randn(rows, 384, generator=g) * scale).to(dtype)
+        with torch.no_grad():
+            a, b = ours(x), theirs(x)
+        assert a.dtype == b.dtype == dtype
+        assert (a.float() - b.float()).abs().max().item() <= (0 if dtype != torch.float32 else 2e-7 * scale)

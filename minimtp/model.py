@@ -99,14 +99,22 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(H, self.kvh * self.d, bias=bias)
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(self.d, cfg.rms_norm_eps, with_scale=False)
+        self.fused = None  # q/k/v projections as one matmul, set by minimtp.onednn.prepack_ (decoding on CPU)
+
+    def fuse_groups(self) -> dict:
+        return {"fused": [n for n in ("q_proj", "k_proj", "v_proj") if hasattr(self, n)]}
 
     def forward(self, x: torch.Tensor, rope: tuple, ctx) -> torch.Tensor:
         T = x.shape[0]
         cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj(x).view(T, self.nh, self.d)), cos, sin)
+        if self.fused is not None:
+            proj = self.fused(x).split(self.fused.sizes, dim=-1)  # [x Wq, x Wk(, x Wv)] in one call
+        else:
+            proj = [getattr(self, n)(x) for n in self.fuse_groups()["fused"]]
+        q = apply_rope(self.q_norm(proj[0].view(T, self.nh, self.d)), cos, sin)
         if self.has_kv:
-            k_raw = self.k_proj(x).view(T, self.kvh, self.d)
-            v_raw = k_raw if self.k_eq_v else self.v_proj(x).view(T, self.kvh, self.d)
+            k_raw = proj[1].view(T, self.kvh, self.d)
+            v_raw = k_raw if self.k_eq_v else proj[2].view(T, self.kvh, self.d)
             k = apply_rope(self.k_norm(k_raw), cos, sin)
             ctx.store(self.layer_idx, k, self.v_norm(v_raw))
         o = ctx.attend(self.layer_idx, q, self.window)
@@ -122,9 +130,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.approximate = approximate
+        self.fused = None  # gate and up as one matmul, set by minimtp.onednn.prepack_ (decoding on CPU)
+
+    def fuse_groups(self) -> dict:
+        return {"fused": ["gate_proj", "up_proj"]}
 
     def forward(self, x):
-        return self.down_proj(gelu(self.gate_proj(x), self.approximate) * self.up_proj(x))
+        g, u = self.fused(x).chunk(2, dim=-1) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(gelu(g, self.approximate) * u)
 
 
 class Router(nn.Module):

@@ -31,43 +31,73 @@ def available(weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``y = x Wᵀ (+ b)`` through oneDNN with W prepacked; drop-in for an ``nn.Linear`` (same parameters)."""
+    """``y = x Wᵀ (+ b)`` through oneDNN with W prepacked; drop-in for an ``nn.Linear`` (same parameters).
+
+    :meth:`fused` builds one over several linears at once, ``W = [W_1; W_2; ...]`` (their outputs concatenated,
+    ``sizes`` tells how to split them): one call streams q, k and v (or gate and up) together. A fused module owns
+    no parameters (the state dict keeps the original names) and repacks if any source weight changes in place."""
 
     def __init__(self, weight: nn.Parameter | torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
-        self._packed, self._version = None, -1
+        self.sizes = [self.out_features]
+        self.__dict__["_sources"] = [(weight, bias)]
+        self._packed, self._version = None, None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
         return cls(linear.weight, linear.bias)
 
-    def packed(self) -> torch.Tensor:
-        if self._version != self.weight._version or self._packed is None:  # (re)pack after an in-place update
+    @classmethod
+    def fused(cls, linears: list[nn.Linear]) -> PackedLinear:
+        self = cls(linears[0].weight, linears[0].bias)
+        del self.weight, self.bias  # not parameters of this module: its sources are
+        self.__dict__["_sources"] = [(m.weight, m.bias) for m in linears]
+        self.sizes = [m.out_features for m in linears]
+        self.out_features = sum(self.sizes)
+        return self
+
+    def _weight_bias(self):
+        ws, bs = zip(*self._sources)
+        w = ws[0] if len(ws) == 1 else torch.cat(ws)
+        b = None if bs[0] is None else (bs[0] if len(bs) == 1 else torch.cat(bs))
+        return w, b
+
+    def packed(self):
+        version = tuple(w._version for w, _ in self._sources)
+        if self._version != version:  # (re)pack after an in-place update of a source weight
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-            self._version = self.weight._version
+                w, b = self._weight_bias()
+                self._packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), b)
+            self._version = version
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype or (torch.is_grad_enabled() and self.weight.requires_grad):
-            return F.linear(x, self.weight, self.bias)  # training / mixed dtypes: the ordinary kernel
+        w0 = self._sources[0][0]
+        if x.dtype != w0.dtype or (torch.is_grad_enabled() and w0.requires_grad):
+            return F.linear(x, *self._weight_bias())  # training / mixed dtypes: the ordinary kernel
+        w, b = self.packed()
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, self.in_features), self.packed(), self.bias, "none", [], ""
-        )
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), w, b, "none", [], "")
         return y.view(*lead, self.out_features)
 
 
 def prepack_(module: nn.Module) -> int:
-    """Replace every bfloat16 CPU ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`, in place.
-    Returns how many were replaced (0 where oneDNN cannot be used)."""
+    """Replace every bfloat16 CPU ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`, in place, and fuse
+    the groups a module names in ``fuse_groups()`` (q/k/v, gate/up) into its ``fused`` attribute. Returns how
+    many matrices were packed (0 where oneDNN cannot be used)."""
     n = 0
+    groups = module.fuse_groups() if hasattr(module, "fuse_groups") else {}
+    for attr, names in groups.items():
+        linears = [getattr(module, name) for name in names]
+        if len(linears) > 1 and all(type(m) is nn.Linear and available(m.weight) for m in linears):
+            setattr(module, attr, PackedLinear.fused(linears))
+            n += 1
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear and available(child.weight):
             setattr(module, name, PackedLinear.from_linear(child))
             n += 1
-        else:
+        elif not isinstance(child, PackedLinear):
             n += prepack_(child)
     return n

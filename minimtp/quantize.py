@@ -58,12 +58,21 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8_(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place; the rest goes to
-    bfloat16. Returns the module."""
+    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place, and fuse the groups a
+    module names in ``fuse_groups()`` (gate/up) into its ``fused`` attribute (per-row scales make the concatenation
+    exact); the rest goes to bfloat16. Returns the module."""
     module.to(torch.bfloat16)
+    groups = module.fuse_groups() if hasattr(module, "fuse_groups") else {}
+    for attr, names in groups.items():
+        linears = [getattr(module, name) for name in names]
+        if len(linears) > 1 and all(type(m) is nn.Linear for m in linears):
+            bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+            fused = Int8Linear(torch.cat([m.weight for m in linears]), bias)
+            fused.sizes = [m.out_features for m in linears]
+            setattr(module, attr, fused)
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear(child.weight, child.bias))
-        else:
+        elif not isinstance(child, Int8Linear):
             quantize_int8_(child)
     return module

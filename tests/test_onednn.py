@@ -68,3 +68,19 @@ def test_engine_tokens_same_with_and_without_prepack(saved):
         engine = minimtp.Engine(target, assistant, prepack=prepack)
         outs.append(engine.generate(prompts, 40, num_speculative_tokens=3, stop_token_ids=[]).tokens)
     assert outs[0] == outs[1]
+
+
+def test_fused_projections_follow_their_sources():
+    """q/k/v (and gate/up) fused into one packed matmul: bit-identical to the separate linears, no parameters of
+    its own, repacked when a source weight changes in place."""
+    lins = [torch.nn.Linear(32, n, bias=False).to(torch.bfloat16).requires_grad_(False) for n in (48, 16, 16)]
+    fused = PackedLinear.fused(lins)
+    assert fused.sizes == [48, 16, 16] and list(fused.parameters()) == []
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    want = torch.cat([m(x) for m in lins], -1)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), want)
+    with torch.no_grad():
+        lins[1].weight.mul_(-1)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), torch.cat([m(x) for m in lins], -1))

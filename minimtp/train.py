@@ -723,8 +723,16 @@ def cmd_assistant(args) -> None:
             with torch.no_grad():
                 asst.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
     if getattr(args, "init_from", None) and not resume:  # warm start: continue distilling a shipped assistant
-        src = read_assistant(args.init_from, torch.float32)
-        missing = asst.load_state_dict(src.state_dict(), strict=False)
+        src = read_assistant(args.init_from, torch.float32).state_dict()
+        if args.init_layers:  # a shallower drafter from some of the source's layers (layer j <- layer keep[j])
+            keep = [int(i) for i in args.init_layers.split(",")]
+            src = {k: v for k, v in src.items() if not k.startswith("model.layers.")} | {
+                k.replace(f"model.layers.{i}.", f"model.layers.{j}.", 1): v
+                for j, i in enumerate(keep)
+                for k, v in src.items()
+                if k.startswith(f"model.layers.{i}.")
+            }
+        missing = asst.load_state_dict(src, strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise SystemExit(f"error: --init-from {args.init_from}: shape/key mismatch {missing}")
     opt = make_optimizer(asst, args.lr, args.weight_decay)
@@ -1197,6 +1205,7 @@ def main(argv=None) -> None:
     p.add_argument("--draft-tokens", type=int, default=4, help="num_assistant_tokens written to generation_config")
     p.add_argument("--init-from-target", action="store_true", help="copy the target embedding when sizes match")
     p.add_argument("--init-from", default=None, help="warm start from an assistant directory of the same shape")
+    p.add_argument("--init-layers", default=None, help="with --init-from: source layers to keep, e.g. '1'")
     p.add_argument("--selfgen-frac", type=float, default=0.0, help="share of rows from the target's continuations")
     p.add_argument("--selfgen-data", default=None, help="data directory written by `selfgen` (default OUT/data)")
     p.set_defaults(func=cmd_assistant)

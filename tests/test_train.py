@@ -102,6 +102,19 @@ def test_selfgen_rows_are_the_targets_greedy_continuations(tiny_run, tmp_path):
     args += ["--selfgen-frac", "1.0", "--selfgen-data", data, "--eval-batches", "1", "--threads", "1"]
     train.main(args)
     assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
+    # a one-layer drafter warm-started from layer 1 of that one (--init-layers): lr 0 keeps the copied weights
+    shallow = str(tmp_path / "shallow")
+    args = ["assistant", "--out", shallow, "--target", final, "--max-files", "12", "--hidden", "32"]
+    args += ["--intermediate", "64", "--layers", "1", "--pattern", "f", "--heads", "2", "--steps", "1"]
+    args += ["--batch-size", "2", "--seq-len", "40", "--lr", "0", "--init-from", os.path.join(run, "final")]
+    args += ["--init-layers", "1", "--eval-batches", "1", "--threads", "1"]
+    train.main(args)
+    src = train.load_assistant_dir(os.path.join(run, "final")).state_dict()
+    dst = train.load_assistant_dir(os.path.join(shallow, "final")).state_dict()
+    assert len(dst) < len(src)
+    for k, v in dst.items():
+        want = src[k.replace("model.layers.0.", "model.layers.1.")]
+        assert torch.equal(v, want), k
 
 
 def test_simulate_rounds():

@@ -181,6 +181,20 @@ def test_speculative_matches_exact(setting, mode, k):
     assert acc > (0.3 if mode == "sample" else 0.1), "drafter too weak: the power checks would lose their teeth"
 
 
+@pytest.mark.parametrize("mode", ["sample", "argmax"])
+def test_speculative_matches_exact_int8_drafter(mode):
+    """The CLI's CPU default: a weight-only int8 drafter (bfloat16 activations) under a float32 target. Its q is
+    whatever the quantized drafter computes; verifying against that same q keeps the output exact."""
+    import copy
+
+    target, assistant = pair()
+    a8 = copy.deepcopy(assistant).quantize_int8()
+    assert a8.weights_dtype == "int8"
+    res, acc = run_and_test(make_engine(target, a8), "T1", N_DEFAULT, k=3, mode=mode, seed_key=("int8", mode))
+    _assert_exact(res)
+    assert acc > 0.1
+
+
 def test_speculative_matches_exact_reference_attention():
     """One run entirely on the engine's own reference attention (no stand-in at all)."""
     res, _ = run_and_test(make_engine(*pair(), fast=False), "T1", 1500, k=3, mode="sample", seed_key=("ref",))

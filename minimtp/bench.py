@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--draft-dtype", default="auto", help="assistant dtype (see python -m minimtp.generate --help)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a 2-vCPU VM)")
-    p.add_argument("--ks", default="1,2,3,4,6", help="draft lengths to try")
+    p.add_argument("--ks", default="2,3,4,5,6,8", help="draft lengths to try")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--temperature", type=float, default=0.0)

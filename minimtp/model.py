@@ -107,6 +107,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple, ctx) -> torch.Tensor:
         T = x.shape[0]
         cos, sin = rope
+        if self.fused is not None and self.has_kv and not self.k_eq_v:
+            q, k, v = self._fused_qkv(x, cos, sin)
+            ctx.store(self.layer_idx, k, v)
+            o = ctx.attend(self.layer_idx, q, self.window)
+            return self.o_proj(o.reshape(T, self.nh * self.d))
         if self.fused is not None:
             proj = self.fused(x).split(self.fused.sizes, dim=-1)  # [x Wq, x Wk(, x Wv)] in one call
         else:
@@ -119,6 +124,27 @@ class Attention(nn.Module):
             ctx.store(self.layer_idx, k, self.v_norm(v_raw))
         o = ctx.attend(self.layer_idx, q, self.window)
         return self.o_proj(o.reshape(T, self.nh * self.d))
+
+    def _fused_qkv(self, x: torch.Tensor, cos, sin):
+        """The prepacked decoding path (:mod:`minimtp.onednn`): the same q, k, v bit for bit, in fewer operator
+        calls. One matmul gives every head; one float32 RMSNorm normalises all of them, each head then scaled by its
+        norm's weight (q_norm, k_norm, 1 for v: exactly what three fused rms_norm calls compute); one RoPE call
+        rotates the q and k heads together."""
+        T, nq, nk = x.shape[0], self.nh, self.kvh
+        h = self.fused(x).view(T, nq + 2 * nk, self.d)
+        h = (F.rms_norm(h.float(), (self.d,), None, self.q_norm.eps) * self._head_norm_weights()).to(x.dtype)
+        qk = apply_rope(h[:, : nq + nk], cos, sin)
+        return qk[:, :nq], qk[:, nq:], h[:, nq + nk :]
+
+    def _head_norm_weights(self) -> torch.Tensor:
+        """``[nq + 2 nk, d]`` float32: q_norm's weight for q heads, k_norm's for k heads, ones for v heads."""
+        version = (self.q_norm.weight._version, self.k_norm.weight._version)
+        cached = self.__dict__.get("_head_w")
+        if cached is None or cached[0] != version:
+            wq, wk = self.q_norm.weight.float(), self.k_norm.weight.float()
+            w = torch.cat([wq.expand(self.nh, -1), wk.expand(self.kvh, -1), torch.ones_like(wk).expand(self.kvh, -1)])
+            self.__dict__["_head_w"] = cached = (version, w)
+        return cached[1]
 
 
 class MLP(nn.Module):

@@ -41,14 +41,18 @@ def test_repacks_after_in_place_update_and_keeps_training_path():
     assert w.grad is not None and w.grad.shape == w.shape
 
 
-def test_prepacked_target_is_bit_identical(saved):
-    target = minimtp.load_target(saved("dense")[0], dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", ["e2b", "moe", "dense"])
+def test_prepacked_target_is_bit_identical(saved, family):
+    """Packed and fused matmuls, the one-call head norms and RoPE: the same logits bit for bit (KV sharing, K=V,
+    MoE and PLE layers included)."""
+    target = minimtp.load_target(saved(family)[0], dtype=torch.bfloat16)
     keys = sorted(target.state_dict())
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = target(ids)
         assert target.prepack() > 0
         assert isinstance(target.model.layers[0].mlp.gate_proj, PackedLinear)
+        assert any(layer.self_attn.fused is not None for layer in target.model.layers)
         assert torch.equal(target(ids), ref)
     assert sorted(target.state_dict()) == keys  # same checkpoint names; the packed head is not a parameter
 

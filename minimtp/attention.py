@@ -52,10 +52,11 @@ def paged_attention(
         first_q = L - q_len  # absolute position of the first query
         lo = max(0, first_q - window + 1) if window > 0 else 0  # oldest key any query here can see
         b0, b1 = lo // block_size, (L + block_size - 1) // block_size
-        blocks = block_tables[b, b0:b1].long()
-        # float32 math (as the kernels accumulate; on CPU also several times faster than bfloat16 attention)
-        k = k_cache[blocks].reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size].float()
-        v = v_cache[blocks].reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size].float()
+        blocks = block_tables[b, b0:b1]
+        # float32 math (as the kernels accumulate; on CPU also several times faster than bfloat16 attention);
+        # index_select rather than k_cache[blocks]: the same gather, several times faster on CPU
+        k = k_cache.index_select(0, blocks).reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size].float()
+        v = v_cache.index_select(0, blocks).reshape(-1, Hkv, D)[lo - b0 * block_size : L - b0 * block_size].float()
         mask = None  # one query sees exactly the keys lo..L-1
         if q_len > 1:
             qpos = torch.arange(first_q, L)[:, None]

@@ -182,8 +182,8 @@ class DraftRoundContext:
             idx = torch.stack(rows).to(kc.device)
             flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
             # [B, S, kvh, d] float32 (a contiguous conversion), viewed as [B, kvh, S, d]
-            k = flat_k[idx.view(-1)].float().view(len(seqs), S, *kc.shape[2:]).transpose(1, 2)
-            v = flat_v[idx.view(-1)].float().view(len(seqs), S, *vc.shape[2:]).transpose(1, 2)
+            k = flat_k.index_select(0, idx.view(-1)).float().view(len(seqs), S, *kc.shape[2:]).transpose(1, 2)
+            v = flat_v.index_select(0, idx.view(-1)).float().view(len(seqs), S, *vc.shape[2:]).transpose(1, 2)
             self.kv[t] = (k, v)
             if min(lens) < S:  # ragged batch: mask the padding (a query with no key at all gets zeros)
                 keep = torch.arange(S, device=kc.device)[None, :] < torch.tensor(lens, device=kc.device)[:, None]

@@ -69,7 +69,7 @@ class PackedLinear(nn.Module):
         if self._version != version:  # (re)pack after an in-place update of a source weight
             with torch.no_grad():
                 w, b = self._weight_bias()
-                self._packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1), b)
+                self._packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4), b)  # layout tuned for ~4 rows
             self._version = version
         return self._packed
 

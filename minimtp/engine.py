@@ -323,9 +323,12 @@ class Engine:
         stats.draft_s += t1 - t0
         stats.verify_s += time.perf_counter() - t1
         V = out.logits.shape[-1]
-        logits = torch.zeros(B, K + 1, V, dtype=out.logits.dtype)
-        for b in range(B):
-            logits[b, : ks[b] + 1] = out.logits[cu[b] : cu[b + 1]]
+        if all(kb == K for kb in ks):  # every sequence verified K + 1 rows: the packed logits already are [B, K+1, V]
+            logits = out.logits.view(B, K + 1, V)
+        else:
+            logits = torch.zeros(B, K + 1, V, dtype=out.logits.dtype)
+            for b in range(B):
+                logits[b, : ks[b] + 1] = out.logits[cu[b] : cu[b + 1]]
         num_drafts = torch.tensor(ks, dtype=torch.long)
         if params.is_greedy:
             ids, n_emit = self.verify_greedy(logits, drafts, num_drafts)

@@ -138,7 +138,7 @@ class Attention(nn.Module):
 
     def _head_norm_weights(self) -> torch.Tensor:
         """``[nq + 2 nk, d]`` float32: q_norm's weight for q heads, k_norm's for k heads, ones for v heads."""
-        version = (self.q_norm.weight._version, self.k_norm.weight._version)
+        version = tuple(0 if w.is_inference() else w._version for w in (self.q_norm.weight, self.k_norm.weight))
         cached = self.__dict__.get("_head_w")
         if cached is None or cached[0] != version:
             wq, wk = self.q_norm.weight.float(), self.k_norm.weight.float()

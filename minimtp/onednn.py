@@ -30,6 +30,11 @@ def available(weight: torch.Tensor) -> bool:
     )
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter (inference tensors have none: they count as never modified)."""
+    return 0 if t.is_inference() else t._version
+
+
 class PackedLinear(nn.Module):
     """``y = x Wᵀ (+ b)`` through oneDNN with W prepacked; drop-in for an ``nn.Linear`` (same parameters).
 
@@ -65,7 +70,7 @@ class PackedLinear(nn.Module):
         return w, b
 
     def packed(self):
-        version = tuple(w._version for w, _ in self._sources)
+        version = tuple(_version(w) for w, _ in self._sources)
         if self._version != version:  # (re)pack after an in-place update of a source weight
             with torch.no_grad():
                 w, b = self._weight_bias()

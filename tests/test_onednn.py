@@ -88,3 +88,17 @@ def test_fused_projections_follow_their_sources():
         lins[1].weight.mul_(-1)
     with torch.inference_mode():
         assert torch.equal(fused(x), torch.cat([m(x) for m in lins], -1))
+
+
+def test_model_loaded_under_inference_mode(saved):
+    """Weights created under torch.inference_mode have no version counter; prepacking must still work."""
+    tdir, adir = saved("e2b")
+    prompts = [[5, 9, 33, 7]]
+    with torch.inference_mode():
+        target = minimtp.load_target(tdir, dtype=torch.bfloat16)
+        assistant = minimtp.load_assistant(adir, target)
+        fast = minimtp.Engine(target, assistant).generate(prompts, 12, num_speculative_tokens=3, stop_token_ids=[])
+    plain = minimtp.Engine(minimtp.load_target(tdir, dtype=torch.bfloat16), prepack=False).generate(
+        prompts, 12, stop_token_ids=[]
+    )
+    assert fast.tokens == plain.tokens

@@ -30,7 +30,7 @@ def available(weight: torch.Tensor) -> bool:
     )
 
 
-def _version(t: torch.Tensor) -> int:
+def weight_version(t: torch.Tensor) -> int:
     """The in-place version counter (inference tensors have none: they count as never modified)."""
     return 0 if t.is_inference() else t._version
 
@@ -70,7 +70,7 @@ class PackedLinear(nn.Module):
         return w, b
 
     def packed(self):
-        version = tuple(_version(w) for w, _ in self._sources)
+        version = tuple(weight_version(w) for w, _ in self._sources)
         if self._version != version:  # (re)pack after an in-place update of a source weight
             with torch.no_grad():
                 w, b = self._weight_bias()
@@ -96,7 +96,8 @@ def prepack_(module: nn.Module) -> int:
     groups = module.fuse_groups() if hasattr(module, "fuse_groups") else {}
     for attr, names in groups.items():
         linears = [getattr(module, name) for name in names]
-        if len(linears) > 1 and all(type(m) is nn.Linear and available(m.weight) for m in linears):
+        already = getattr(module, attr, None) is not None  # e.g. an int8 fused matmul (minimtp.quantize)
+        if not already and len(linears) > 1 and all(type(m) is nn.Linear and available(m.weight) for m in linears):
             setattr(module, attr, PackedLinear.fused(linears))
             n += 1
     for name, child in list(module.named_children()):

@@ -63,6 +63,7 @@ def quantize_int8_(module: nn.Module) -> nn.Module:
     exact); the rest goes to bfloat16. Returns the module."""
     module.to(torch.bfloat16)
     groups = module.fuse_groups() if hasattr(module, "fuse_groups") else {}
+    sources = set()  # linears that live on only inside a fused matmul: not quantized a second time
     for attr, names in groups.items():
         linears = [getattr(module, name) for name in names]
         if len(linears) > 1 and all(type(m) is nn.Linear for m in linears):
@@ -70,7 +71,10 @@ def quantize_int8_(module: nn.Module) -> nn.Module:
             fused = Int8Linear(torch.cat([m.weight for m in linears]), bias)
             fused.sizes = [m.out_features for m in linears]
             setattr(module, attr, fused)
+            sources.update(names)
     for name, child in list(module.named_children()):
+        if name in sources:
+            continue
         if isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear(child.weight, child.bias))
         elif not isinstance(child, Int8Linear):

@@ -41,3 +41,15 @@ def test_quantize_module_in_place():
     assert m[1].weight.dtype == torch.bfloat16
     y = m(x.to(torch.bfloat16))
     assert ((y.float() - ref).norm() / ref.norm()).item() < 0.03
+
+
+def test_int8_drafter_keeps_its_fused_matmul_under_prepack(saved):
+    """The Engine prepacks bf16 linears; a quantized drafter's fused int8 gate/up must not be replaced by a bf16 one
+    built from the (unused, unquantized) source linears."""
+    import minimtp
+
+    target = minimtp.load_target(saved("dense")[0], dtype=torch.bfloat16)
+    assistant = minimtp.load_assistant(saved("dense")[1], target, dtype="int8")
+    minimtp.Engine(target, assistant)
+    for layer in assistant.model.layers:
+        assert isinstance(layer.mlp.fused, Int8Linear)

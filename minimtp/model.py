@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimtp.config import FULL, SLIDING, RopeConfig, TextConfig
+from minimtp.onednn import weight_version
 
 
 class RMSNorm(nn.Module):
@@ -99,10 +100,11 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(H, self.kvh * self.d, bias=bias)
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(self.d, cfg.rms_norm_eps, with_scale=False)
+        self.proj_names = [n for n in ("q_proj", "k_proj", "v_proj") if hasattr(self, n)]
         self.fused = None  # q/k/v projections as one matmul, set by minimtp.onednn.prepack_ (decoding on CPU)
 
     def fuse_groups(self) -> dict:
-        return {"fused": [n for n in ("q_proj", "k_proj", "v_proj") if hasattr(self, n)]}
+        return {"fused": self.proj_names}
 
     def forward(self, x: torch.Tensor, rope: tuple, ctx) -> torch.Tensor:
         T = x.shape[0]
@@ -110,18 +112,17 @@ class Attention(nn.Module):
         if self.fused is not None and self.has_kv and not self.k_eq_v:
             q, k, v = self._fused_qkv(x, cos, sin)
             ctx.store(self.layer_idx, k, v)
-            o = ctx.attend(self.layer_idx, q, self.window)
-            return self.o_proj(o.reshape(T, self.nh * self.d))
-        if self.fused is not None:
-            proj = self.fused(x).split(self.fused.sizes, dim=-1)  # [x Wq, x Wk(, x Wv)] in one call
         else:
-            proj = [getattr(self, n)(x) for n in self.fuse_groups()["fused"]]
-        q = apply_rope(self.q_norm(proj[0].view(T, self.nh, self.d)), cos, sin)
-        if self.has_kv:
-            k_raw = proj[1].view(T, self.kvh, self.d)
-            v_raw = k_raw if self.k_eq_v else proj[2].view(T, self.kvh, self.d)
-            k = apply_rope(self.k_norm(k_raw), cos, sin)
-            ctx.store(self.layer_idx, k, self.v_norm(v_raw))
+            if self.fused is not None:
+                proj = self.fused(x).split(self.fused.sizes, dim=-1)  # [x Wq, x Wk(, x Wv)] in one call
+            else:
+                proj = [getattr(self, n)(x) for n in self.proj_names]
+            q = apply_rope(self.q_norm(proj[0].view(T, self.nh, self.d)), cos, sin)
+            if self.has_kv:
+                k_raw = proj[1].view(T, self.kvh, self.d)
+                v_raw = k_raw if self.k_eq_v else proj[2].view(T, self.kvh, self.d)
+                k = apply_rope(self.k_norm(k_raw), cos, sin)
+                ctx.store(self.layer_idx, k, self.v_norm(v_raw))
         o = ctx.attend(self.layer_idx, q, self.window)
         return self.o_proj(o.reshape(T, self.nh * self.d))
 
@@ -138,7 +139,7 @@ class Attention(nn.Module):
 
     def _head_norm_weights(self) -> torch.Tensor:
         """``[nq + 2 nk, d]`` float32: q_norm's weight for q heads, k_norm's for k heads, ones for v heads."""
-        version = tuple(0 if w.is_inference() else w._version for w in (self.q_norm.weight, self.k_norm.weight))
+        version = (weight_version(self.q_norm.weight), weight_version(self.k_norm.weight))
         cached = self.__dict__.get("_head_w")
         if cached is None or cached[0] != version:
             wq, wk = self.q_norm.weight.float(), self.k_norm.weight.float()

@@ -712,7 +712,9 @@ def cmd_assistant(args) -> None:
             if k not in ("steps", "minutes", "resume", "threads", "ckpt_minutes", "out"):
                 setattr(args, k, v)
     target = load_target(args.target, torch.float32)
-    prepare_data(args.target, os.path.join(run, "data"), args.max_files)
+    # the tokenized corpus: the selfgen data directory already holds it (prepare_data returns at once there)
+    data = (args.selfgen_data or os.path.join(run, "data")) if args.selfgen_frac else os.path.join(run, "data")
+    prepare_data(args.target, data, args.max_files)
     cfg_dict = assistant_config_dict(args, target.config)
     acfg = parse_assistant_dict(cfg_dict, args.draft_tokens)
     torch.manual_seed(args.seed)
@@ -722,7 +724,7 @@ def cmd_assistant(args) -> None:
         if target.config.hidden_size == acfg.text.hidden_size:
             with torch.no_grad():
                 asst.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
-    if getattr(args, "init_from", None) and not resume:  # warm start: continue distilling a shipped assistant
+    if args.init_from and not resume:  # warm start: continue distilling a shipped assistant
         src = read_assistant(args.init_from, torch.float32).state_dict()
         if args.init_layers:  # a shallower drafter from some of the source's layers (layer j <- layer keep[j])
             keep = [int(i) for i in args.init_layers.split(",")]
@@ -740,8 +742,7 @@ def cmd_assistant(args) -> None:
     _save_args(run, args)
     n = count_params(asst)
     print(f"assistant: {n / 1e6:.2f}M params, start at step {step0}", file=sys.stderr)
-    frac = getattr(args, "selfgen_frac", 0.0) or 0.0
-    data = args.selfgen_data or os.path.join(run, "data") if frac else os.path.join(run, "data")
+    frac = args.selfgen_frac
     train_b = Batches(data, "train", args.batch_size, args.seq_len, args.seed, args.chat_frac, frac)
     val_b = Batches(data, "val", args.batch_size, args.seq_len, args.seed + 1, 0.0, frac)
 
@@ -781,22 +782,22 @@ def cmd_selfgen(args) -> None:
     """Distillation data the way the drafter is used: the frozen target's own continuations of corpus prompts.
 
     Each row is ``<bos>`` + ``--prompt-len`` corpus tokens + the target's continuation (greedy, or sampled at
-    ``--temperature`` for a ``--sample-frac`` share of the rows), ``--seq-len + 1`` tokens in all, written to
+    ``--temperature`` for a ``--sample-frac`` share of the batches), ``--seq-len + 1`` tokens in all, written to
     ``OUT/selfgen_{train,val}.npy`` next to the tokenized corpus. A drafter is judged on the target's outputs,
     not on human code; training on them (as Medusa-2's and EAGLE's self-distillation do) aligns the two."""
     _setup(args)
+    from tqdm import tqdm
+
     from minimtp.engine import Engine
 
     prepare_data(args.target, args.out, args.max_files)
     target = load_target(args.target, torch.bfloat16)
     engine = Engine(target)
-    n_new = args.seq_len + 1 - 1 - args.prompt_len
+    n_new = args.seq_len - args.prompt_len  # <bos> + prompt + continuation = seq_len + 1 tokens
     for split, n in (("train", args.sequences), ("val", max(args.batch, args.sequences // 50))):
         code = np.load(os.path.join(args.out, f"{split}.npy"))
         rng = np.random.default_rng([args.seed, 0 if split == "train" else 1])
         rows = []
-        from tqdm import tqdm
-
         for b0 in tqdm(range(0, n, args.batch), desc=f"selfgen {split}", file=sys.stderr):
             m = min(args.batch, n - b0)
             starts = rng.integers(0, len(code) - args.prompt_len, m)

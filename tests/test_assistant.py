@@ -303,7 +303,9 @@ def test_dtype_follows_target(saved):
 @pytest.mark.parametrize("ordered", [True, False], ids=["centroid", "dense_head"])
 def test_cheaper_drafters_stay_close(assistant_dir, ordered, dtype, tol):
     """int8 / half-precision drafting (fp32 target) stays within a few percent of the fp32 drafter (relative L2
-    error of the logits over two recurrent steps). Exactness never depends on it; acceptance does."""
+    error of the logits and recurrent state over two steps). Measured on these models: at most 0.0022 (float16,
+    10 mantissa bits), 0.024 (bfloat16, 7 bits) and 0.039 (int8 weights, bf16 activations); the bounds leave
+    1.3-4.5x room. Exactness never depends on it; acceptance does."""
     tdir, adir = assistant_dir("e2b", ordered)
     target = minimtp.load_target(tdir)
     ref = mt_steps(minimtp.load_assistant(adir, target), target, prompt(), S - 1)

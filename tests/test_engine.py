@@ -155,7 +155,7 @@ def test_plain_greedy_equals_transformers(plain, family):
 @pytest.mark.parametrize("family", ["e2b", "dense"])
 def test_greedy_exact_with_cheaper_drafters(saved, plain, family, draft_dtype):
     """A quantized / half-precision drafter (fp32 target) changes acceptance, never the tokens."""
-    target, _ = models_untied(saved, family)
+    target = untie_minimtp(minimtp.load_target(saved(family)[0]))
     assistant = minimtp.load_assistant(saved(family)[1], target, dtype=draft_dtype)
     assert assistant.weights_dtype == draft_dtype
     res = minimtp.Engine(target, assistant).generate(
@@ -163,10 +163,6 @@ def test_greedy_exact_with_cheaper_drafters(saved, plain, family, draft_dtype):
     )
     assert [tuple(t) for t in res.tokens] == list(plain(family))
     assert res.stats.drafted >= 3 * (res.stats.target_steps - 3)  # it really drafted, every round
-
-
-def models_untied(saved, family):
-    return untie_minimtp(minimtp.load_target(saved(family)[0])), None
 
 
 def test_batching_does_not_change_greedy_output(models, plain):

@@ -1,14 +1,16 @@
 """Tiny random Gemma 4 checkpoints built with transformers 5.23 (the oracle), saved in the real layouts.
 
-Three target families (gemma4.md §6-7):
+Three target families, shrunk from the released targets (docs: guides/real-checkpoints, "The model pairs";
+concepts/gemma4-architecture):
   * ``e2b``  – PLE, KV sharing (num_kv_shared_layers > 0), double-wide MLP;
   * ``moe``  – 26B-A4B-like: MoE block beside the dense MLP, attention_k_eq_v, no sharing;
   * ``dense`` – 31B-like: dense, attention_k_eq_v, no sharing.
 Each is saved text-only (``Gemma4ForCausalLM``) and, for e2b, also multimodal
 (``Gemma4ForConditionalGeneration`` with tiny vision/audio towers), plus a matching assistant.
 
-transformers 5.23.0 bugs patched here (gemma4.md §0): ``Gemma4TextConfig.kv_sharing_modes`` raises for a
-fully shared config (the assistant) and marks no "store" layer when nothing is shared (26B/31B targets).
+transformers 5.23.0 bugs patched here, both in the property ``Gemma4TextConfig.kv_sharing_modes``
+(``models/gemma4/configuration_gemma4.py``): it raises ``ValueError`` for a fully shared config (the assistant) and
+marks no "store" layer when nothing is shared (26B/31B targets); docs: concepts/gemma4-architecture, "KV sharing".
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import functools
 import torch
 from transformers.models.gemma4 import configuration_gemma4 as cg
 
-from minimtp.hf_compat import patch_transformers  # noqa: E402  (the gemma4.md §0 fix, shared with bench)
+from minimtp.hf_compat import patch_transformers  # noqa: E402  (the kv_sharing_modes fix, shared with bench)
 
 S, F = "sliding_attention", "full_attention"
 

@@ -12,8 +12,8 @@ with expected count < 5 pooled, plus a hard check that no sample lands where the
 Significance: ALPHA = 1e-4 per χ² test. The default run makes 10 runs · 6 = 60 tests that must pass, the slow
 grid 24 · 6 = 144 more; by Bonferroni the chance of ANY false alarm is <= 0.6 % (default) / 1.5 % (slow) for
 a fresh seed. Seeds are fixed, so the outcome is reproducible. Power: the same harness must reject (p far below
-ALPHA) the engine with `engine.verify` (or its drafting) replaced by the classic bugs of prior-art.md §6 /
-gemma4.md §4.5:
+ALPHA) the engine with `engine.verify` (or its drafting) replaced by the classic bugs (docs:
+concepts/speculative-decoding, "Three rules that look right and are not"):
   (a) transformers: argmax drafts verified as if sampled from the raw drafter softmax q (min(1, p/q), (p - q)^+);
   (b) token matching: draw t ~ p, accept iff t == draft, on a mismatch emit a FRESH sample of p;
   (c) sample mode with the ratio/residual computed from the raw drafter softmax (temperature ignored on q).

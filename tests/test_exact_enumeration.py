@@ -12,11 +12,12 @@ The branch probabilities come from minimtp's own rule functions (process_logits,
 acceptance_probability, residual_sample, residual_argmax, residual_or_target), called on float64 tensors:
 the same functions `verify` calls on float32 ones (tests/test_speculative.py checks verify against them).
 
-The same harness must DETECT the classic bugs (prior-art.md §6, gemma4.md §4.5):
+The same harness must DETECT the classic bugs (docs: concepts/speculative-decoding, "Three rules that look right and
+are not"):
   (a) transformers: argmax drafts verified as if sampled from q (accept min(1, p/q), residual (p - q)^+);
   (b) token matching: draw t ~ p, accept iff t == draft, and on a mismatch sample the correction again;
   (c) sample mode with the draft drawn from the raw drafter softmax while the ratio uses the processed q';
-  (d) xllm: residual with q subtracted only at the drafted token.
+  (d) xllm (xLLM PR #2175): residual with q subtracted only at the drafted token.
 It also shows that faithful token matching (emit the mismatching t itself) is exact - just slow.
 """
 

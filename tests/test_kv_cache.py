@@ -3,8 +3,9 @@
 A dense per-sequence reference (the K/V written at each position, per layer) is kept beside the cache; random
 interleavings of add / reserve+write / truncate (rollback) / trim_window / release over several sequences are
 checked by reading the K/V back through block_tables and slot_mapping, and through paged_attention against dense
-attention, for full and sliding windows, on sequences much longer than the window (prior-art.md §6 bug 7: rollback
-across the sliding-window wrap point).
+attention, for full and sliding windows, on sequences much longer than the window: rollback must be tested across
+the sliding-window wrap point (mlx-swift-lm issue #474: a wrapped ring-buffer cache could not be rewound and greedy
+output diverged after 512 tokens; docs: concepts/paged-kv-cache, "Rollback of rejected drafts").
 """
 
 from __future__ import annotations

@@ -174,7 +174,8 @@ def test_rule_piece_values():
     assert torch.equal(residual_argmax(p, torch.tensor(1)), torch.tensor([0.4, 0.0, 0.2, 0.1]))
     assert torch.equal(residual_argmax(p, torch.tensor(-1)), p)  # out-of-range draft removes nothing
     assert torch.equal(residual_or_target(torch.zeros(1, 4), p[None])[0], p)
-    # transformers' measured bias (gemma4.md §4.5) is what the one-hot rule avoids:
+    # the one-hot rule avoids transformers' bias ([.8, 0, .2, 0] here: `_speculative_sampling` applied to argmax
+    # drafts; docs: concepts/speculative-decoding, "Three rules that look right and are not", rule 1):
     assert torch.allclose(first_token_distribution(p.double(), None, 0), p.double(), atol=1e-7)
 
 

@@ -201,8 +201,9 @@ GEMMA_ZQ = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()
 T1 = SamplingParams(temperature=1.0)
 _P1, _P2, _P3 = SamplingParams(0.7, top_k=4), SamplingParams(1.3, top_p=0.9), SamplingParams(0.5)
 CASES = {  # name: (P, Zq, params, mode, N)
-    "gemma4.md §4.5 example, argmax draft": (GEMMA_P, GEMMA_ZQ, T1, "argmax", 4000),
-    "gemma4.md §4.5 example, sampled draft": (GEMMA_P, GEMMA_ZQ, T1, "sample", 4000),
+    # the example of docs: concepts/speculative-decoding, "Three rules that look right and are not"
+    "p=[.4,.3,.2,.1] q=[.5,.3,.1,.1], argmax draft": (GEMMA_P, GEMMA_ZQ, T1, "argmax", 4000),
+    "p=[.4,.3,.2,.1] q=[.5,.3,.1,.1], sampled draft": (GEMMA_P, GEMMA_ZQ, T1, "sample", 4000),
     "V=6 k=2 T=0.7 top-k 4, sampled": (*_case(6, 2, 1, _P1), _P1, "sample", 4000),
     "V=6 k=2 T=1.3 top-p 0.9, argmax": (*_case(6, 2, 2, _P2), _P2, "argmax", 4000),
     "V=5 k=3 T=0.5, sampled": (*_case(5, 3, 3, _P3), _P3, "sample", 4000),
@@ -228,7 +229,8 @@ def propose_api(mod):
 
 
 @test(SP, "the drafts must be SAMPLED FROM THE q' YOU RETURN: drafting from the raw softmax (ignoring temperature / "
-      "top-k) while the ratio uses the processed q' biases the output (DeepSpec#31, dflash#74).")  # fmt: skip
+      "top-k) while the ratio uses the processed q' biases the output (z-lab/dflash issue #74: temperature never "
+      "reached the drafter's sampler; deepseek-ai/DeepSpec issue #31: bf16 draft, float32 ratio).")  # fmt: skip
 def drafts_follow_q(mod):
     for name in ("V=6 k=2 T=0.7 top-k 4, sampled", "V=5 k=3 T=0.5, sampled"):
         P, Zq, params, mode, N = CASES[name]
@@ -240,7 +242,7 @@ def drafts_follow_q(mod):
 
 @test(SP, "accept x iff u < p(x)/q(x) (sampled drafts) or u < p(x) (argmax drafts, q None): P_u(accept) must be "
       "min(1, ratio) for every noise row. 'Accept iff x equals a token sampled from p' accepts with the wrong "
-      "probability (mlx-swift-lm#459).")  # fmt: skip
+      "probability, sum p*q (the bug of mlx-swift-lm PR #459).")  # fmt: skip
 def acceptance_exact_in_u(mod):
     """Integrate over u analytically: the accepted set must be [0, r) with r = min(1, ratio), for every noise."""
     g = torch.Generator().manual_seed(5)
@@ -298,7 +300,8 @@ def _dist_test(name):
 _HINTS = {
     "argmax": "argmax drafts are a point mass: accept with p(x) and on rejection sample p with x removed. Returning "
     "the drafter softmax as q for an argmax draft and using min(1, p/q) gives [.8, 0, .2, 0] instead of "
-    "[.4, .3, .2, .1] (transformers, gemma4.md §4.5).",
+    "[.4, .3, .2, .1] (what transformers' _speculative_sampling does with the assistant's argmax drafts; docs: "
+    "concepts/speculative-decoding, 'Three rules that look right and are not', rule 1).",
     "sample": "accept with min(1, p/q'); on the first rejection sample norm((p - q')^+) with the noise row; if all "
     "drafts are accepted sample the bonus from the NEXT row p_n. Row j of p is conditioned on drafts 1..j.",
 }

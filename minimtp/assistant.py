@@ -1,6 +1,6 @@
 """The Gemma 4 assistant (the MTP drafter that ships beside each Gemma 4 model).
 
-One drafting step at position p (constant within a round; gemma4.md §3, docs: concepts/gemma4-assistant):
+One drafting step at position p (constant within a round; docs: concepts/gemma4-assistant):
 
     x0 = [E_t(token_p)·sqrt(H_t) ; h] W_pre          h: the target's post-norm hidden state at p-1 (step 1)
                                                        or the previous step's projection (steps > 1)
@@ -16,13 +16,15 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from minimtp.checkpoint import parse_dtype
-from minimtp.config import SLIDING, AssistantConfig, TextConfig, load_assistant_config
+from minimtp.attention import DraftDenseContext
+from minimtp.checkpoint import load_weights, parse_dtype
+from minimtp.config import AssistantConfig, TextConfig, load_assistant_config
 from minimtp.errors import CheckpointError, CompatibilityError
-from minimtp.model import Gemma4, TextModel, rope_cos_sin
+from minimtp.model import Gemma4, TextModel, Unembedding, rope_cos_sin
+
+__all__ = ["Gemma4Assistant", "load_assistant", "read_assistant", "check_pair", "DraftDenseContext"]
 
 
 class CentroidHead(nn.Module):
@@ -55,44 +57,15 @@ class Gemma4Assistant(nn.Module):
         self.post_projection = nn.Linear(t.hidden_size, cfg.backbone_hidden_size, bias=False)
         if cfg.use_ordered_embeddings:
             self.masked_embedding = CentroidHead(cfg)
+        else:
+            self.unembed = Unembedding()
         self._rope_types = {lt: (t.rope[lt], t.type_head_dim(lt)) for lt in set(t.layer_types)}
-
-    def quantize_int8(self) -> Gemma4Assistant:
-        """Weight-only int8 drafting (:mod:`minimtp.quantize`): every linear layer and the tied dense head. Exactness
-        is unaffected (the target verifies); only acceptance can change."""
-        from minimtp.quantize import Int8Linear, quantize_int8_
-
-        head = None if self.config.use_ordered_embeddings else Int8Linear(self.model.embed_tokens.weight)
-        quantize_int8_(self)
-        self.lm_head_int8 = head
-        return self
-
-    @property
-    def weights_dtype(self) -> str:
-        """``"int8"`` after :meth:`quantize_int8`, else the weights' dtype name (``"bfloat16"``, ...)."""
-        if hasattr(self, "lm_head_int8"):
-            return "int8"
-        return str(self.model.norm.weight.dtype).removeprefix("torch.")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Draft logits from the final-norm output h (not from the projection); never softcapped."""
-        if getattr(self, "lm_head_int8", None) is not None:
-            return self.lm_head_int8(h)
         if self.config.use_ordered_embeddings:
             return self.masked_embedding(h, self.model.embed_tokens.weight)
-        head = self.__dict__.get("_packed_head")
-        return head(h) if head is not None else h @ self.model.embed_tokens.weight.T
-
-    def prepack(self) -> int:
-        """bfloat16 on CPU: oneDNN-prepacked linears and dense head (:mod:`minimtp.onednn`). Returns the count."""
-        from minimtp.onednn import PackedLinear, available, prepack_
-
-        n = prepack_(self)
-        w = self.model.embed_tokens.weight
-        if not self.config.use_ordered_embeddings and not hasattr(self, "lm_head_int8") and available(w):
-            object.__setattr__(self, "_packed_head", PackedLinear(w))
-            n += 1
-        return n
+        return self.unembed(h, self.model.embed_tokens.weight)
 
     def rope(self, positions: torch.Tensor) -> dict:
         """cos/sin per layer type at ``positions`` ``[N]`` (constant within a drafting round: compute once)."""
@@ -110,38 +83,6 @@ class Gemma4Assistant(nn.Module):
             x = layer(x, rope[layer.self_attn.layer_type], ctx)
         h = self.model.norm(x)
         return self.logits(h), self.post_projection(h)
-
-
-class DraftDenseContext:
-    """Assistant attention over dense target K/V ``{type: (K, V)}`` each ``[B, S_k, kvh, d]``, for queries
-    ``[B, S_q]`` at positions ``qpos``: key j is visible iff j < p (full) and also j >= p - (W+1) (sliding).
-    Used for the comparison with transformers and for distillation (all positions of a sequence at once)."""
-
-    def __init__(self, cfg: TextConfig, kv: dict, qpos: torch.Tensor):
-        self.cfg, self.kv, self.qpos = cfg, kv, qpos  # qpos [B, S_q]
-
-    def store(self, i, k, v):  # pragma: no cover - assistant layers own no K/V
-        raise RuntimeError("assistant layers do not produce K/V")
-
-    def attend(self, i, q, window):
-        lt = self.cfg.layer_types[i]
-        k, v = self.kv[lt]
-        B, Sq = self.qpos.shape
-        kpos = torch.arange(k.shape[1], device=q.device)
-        p = self.qpos[:, None, :, None]  # [B, 1, Sq, 1]
-        mask = kpos[None, None, None, :] < p
-        if lt == SLIDING:
-            mask &= kpos[None, None, None, :] >= p - (self.cfg.sliding_window + 1)
-        o = F.scaled_dot_product_attention(
-            q.view(B, Sq, *q.shape[1:]).transpose(1, 2),
-            k.to(q.dtype).transpose(1, 2),  # the drafter may run in another dtype than the target
-            v.to(q.dtype).transpose(1, 2),
-            attn_mask=mask,
-            scale=1.0,
-            enable_gqa=q.shape[1] != k.shape[2],
-        )
-        # a query with no visible key (p = 0) would be NaN; it never drafts, keep it finite
-        return torch.nan_to_num(o.transpose(1, 2).reshape(B * Sq, *q.shape[1:]))
 
 
 def check_pair(target_cfg: TextConfig, cfg: AssistantConfig, where: str = "assistant") -> None:
@@ -171,29 +112,25 @@ def check_pair(target_cfg: TextConfig, cfg: AssistantConfig, where: str = "assis
 
 def load_assistant(path: str | os.PathLike, target: Gemma4, dtype=None, device=None) -> Gemma4Assistant:
     """Load a ``gemma4_assistant`` checkpoint directory and validate it against ``target`` at load time.
-    ``dtype``/``device`` default to the target's; ``dtype="int8"`` loads bfloat16 and quantizes the weights to int8
-    (:meth:`Gemma4Assistant.quantize_int8`, CPU drafting)."""
+    ``dtype``/``device`` default to the target's; the drafter may run in another dtype than the target (it only
+    proposes tokens). Quantized drafters are built from a loaded one by the CPU fast path (``minimtp.fast``)."""
     path = os.fspath(path)
     cfg = load_assistant_config(path)
     check_pair(target.config, cfg, where=path)
     ref = target.model.embed_tokens.weight
-    int8 = isinstance(dtype, str) and dtype.strip().lower() == "int8"
-    if dtype is not None and not int8:
+    if dtype is not None:
         try:
             dtype = parse_dtype(dtype)
         except CheckpointError:
             raise CheckpointError(
-                f"unsupported assistant dtype '{dtype}': expected one of float32, bfloat16, float16, int8"
+                f"unsupported assistant dtype {dtype!r}: expected float32, bfloat16 or float16 "
+                "(quantized drafting: minimtp.fast.optimize(..., draft_dtype=...))"
             ) from None
-    dtype = torch.bfloat16 if int8 else (ref.dtype if dtype is None else dtype)
-    model = read_assistant(path, dtype, ref.device if device is None else device, cfg)
-    return model.quantize_int8() if int8 else model
+    return read_assistant(path, ref.dtype if dtype is None else dtype, ref.device if device is None else device, cfg)
 
 
 def read_assistant(path, dtype=torch.float32, device="cpu", cfg: AssistantConfig | None = None) -> Gemma4Assistant:
     """Load an assistant directory without a target to check it against (training, inspection)."""
-    from minimtp.checkpoint import load_weights, parse_dtype
-
     path = os.fspath(path)
     cfg = load_assistant_config(path) if cfg is None else cfg
     with torch.device("meta"):

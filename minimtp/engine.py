@@ -8,20 +8,22 @@ h_b is the target's post-norm hidden state at p_b - 1):
     accept  n drafts by the rule of the sampling mode, emit d_1..d_n and one more token (correction or bonus)
     roll back the cache to p_b + n + 1 positions, h_b ← the hidden state of row n, repeat
 
-The emitted sequence has exactly the distribution of plain decoding (docs: concepts/speculative-decoding).
+The emitted sequence has exactly the distribution of plain decoding (docs: concepts/speculative-decoding). The
+same round for one sequence, in one screen: :func:`minimtp.decode.speculative_decode`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from minimtp.attention import get_attention_backend
-from minimtp.config import SLIDING
+from minimtp.attention import DraftPagedContext, PagedContext, get_attention_backend
 from minimtp.errors import CompatibilityError, GenerationError
-from minimtp.kv_cache import DraftPagedContext, DraftRoundContext, KVCache, PagedContext
+from minimtp.kv_cache import KVCache
 from minimtp.sampling import SamplingParams, draw_exponentials, draw_uniforms, make_generators, process_logits, sample
 
 
@@ -104,6 +106,25 @@ class _Seq:
     stats: Stats = field(default_factory=Stats)
 
 
+@dataclass
+class _Run:
+    """The state of one :meth:`Engine.generate` call; the engine itself keeps only models, backends and settings."""
+
+    cache: KVCache
+    params: SamplingParams
+    k: int  # drafts per round (0: plain decoding)
+    draft_mode: str  # "argmax" | "sample"
+    gens: list[torch.Generator]  # one per prompt
+    stops: set[int]
+    max_new: int
+    stats: Stats
+    on_tokens: Callable | None = None
+
+    @property
+    def sampled_drafts(self) -> bool:
+        return self.draft_mode == "sample" and not self.params.is_greedy
+
+
 def _verify_backends(name: str):
     if name == "torch":
         from minimtp import speculative
@@ -117,13 +138,16 @@ def _verify_backends(name: str):
 
 
 class Engine:
-    """Owns the KV pool and the backends. ``assistant=None`` gives plain decoding.
+    """Owns the backends and the settings; each :meth:`generate` call builds its own KV pool. ``assistant=None``
+    gives plain decoding.
 
     ``draft_mode="argmax"`` drafts argmax q and verifies with the one-hot rule (accept with p(x): expected
     acceptance p(argmax q)); ``"sample"`` samples drafts from the processed drafter distribution q' and accepts
     with min(1, p/q') (expected acceptance Σ min(p, q')). Both are exact; at temperature 0 both are greedy.
-    ``prepack=True`` packs bfloat16 CPU weights for oneDNN once (:mod:`minimtp.onednn`, bit-identical matmuls).
+    The models are used as given; ``minimtp.fast.FastEngine`` is this engine with the CPU fast twins.
     """
+
+    draft_context = DraftPagedContext  # how the assistant reads the cache (attention.AttentionContext)
 
     def __init__(
         self,
@@ -135,7 +159,6 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         draft_mode: str = "argmax",
-        prepack: bool = True,
     ):
         self.target, self.assistant = target, assistant
         self.cfg = target.config
@@ -152,17 +175,12 @@ class Engine:
             check_pair(self.cfg, assistant.config)
         self.dtype = target.model.embed_tokens.weight.dtype
         self.device = target.model.embed_tokens.weight.device
-        if prepack:  # bfloat16 on CPU: oneDNN-packed weights, bit-identical and ~2x faster (minimtp.onednn)
-            target.prepack()
-            if assistant is not None:
-                assistant.prepack()
 
     @property
     def default_num_speculative_tokens(self) -> int:
         n = self.assistant.config.num_assistant_tokens if self.assistant is not None else None
         return n or 6
 
-    # ---- validation ---------------------------------------------------------------------------------------------
     def _check_prompts(self, prompts) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise GenerationError("prompts must be a non-empty list of token-id lists")
@@ -187,60 +205,6 @@ class Engine:
             out.append(list(p))
         return out
 
-    # ---- one forward of the target over the packed new tokens of several sequences ----------------------------
-    def _target_forward(self, cache: KVCache, seqs: list[_Seq], new_tokens: list[list[int]]):
-        ids = [s.idx for s in seqs]
-        counts = [len(t) for t in new_tokens]
-        for s, c in zip(seqs, counts):
-            cache.reserve(s.idx, s.cache_len + c)
-        dev = self.device
-        tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=dev)
-        pos = torch.tensor([s.cache_len + j for s, c in zip(seqs, counts) for j in range(c)], device=dev)
-        cu = torch.tensor([0] + counts, dtype=torch.int32, device=dev).cumsum(0, dtype=torch.int32)
-        ctx = PagedContext(
-            cache,
-            self.attention,
-            cache.block_tables(ids, dev),
-            cache.slot_mapping(ids, [s.cache_len for s in seqs], counts, dev),
-            torch.tensor([s.cache_len + c for s, c in zip(seqs, counts)], dtype=torch.int32, device=dev),
-            cu,
-        )
-        return self.target.run(tok, pos, ctx, logit_rows="all"), cu.tolist()
-
-    def _draft(self, cache: KVCache, seqs: list[_Seq], ks: list[int], params: SamplingParams, gens):
-        """max(ks) drafting steps for every sequence at its constant position p = cache_len. Returns draft ids
-        ``[B, K]`` and, in sample mode, the processed drafter distributions q' ``[B, K, V]`` (else None)."""
-        dev = self.device
-        ids = [s.idx for s in seqs]
-        p = torch.tensor([s.cache_len for s in seqs], device=dev)
-        if self.attention_backend == "torch":  # the round's K/V gathered once (same keys at every step)
-            ctx = DraftRoundContext(cache, self.assistant.config.text, ids, [s.cache_len for s in seqs])
-        else:  # the paged kernel reads the blocks in place
-            ctx = DraftPagedContext(
-                cache, self.assistant.config.text, self.attention, cache.block_tables(ids, dev), p.to(torch.int32)
-            )
-        last = torch.tensor([s.pending for s in seqs], device=dev)
-        hidden = torch.stack([s.hidden for s in seqs])
-        drafts, qs = [], []
-        sampled = self.draft_mode == "sample" and not params.is_greedy
-        rope = self.assistant.rope(p)  # the position is the same at every step of the round
-        for j in range(max(ks)):
-            logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
-            if sampled:
-                q = process_logits(logits, params)
-                # only sequences that use step j draw from their generator: a sequence's random stream never
-                # depends on its batchmates (the others get dummy noise; their step-j drafts are discarded)
-                noise = torch.ones_like(q)
-                use = [b for b, kb in enumerate(ks) if kb > j]
-                noise[use] = draw_exponentials([gens[b] for b in use], q.shape[-1]).to(q.device)
-                last = sample(q, noise)
-                qs.append(q)
-            else:
-                last = logits.float().argmax(-1)  # (exact upcast; float32 argmax is the faster CPU kernel)
-            drafts.append(last)
-        return torch.stack(drafts, 1), (torch.stack(qs, 1) if sampled else None)
-
-    # ---- the loop -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
         self,
@@ -267,125 +231,137 @@ class Engine:
         params = SamplingParams(temperature, top_k, top_p, min_p).validate()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
-        spec = self.assistant is not None and use_assistant
         k = self.default_num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise GenerationError(f"num_speculative_tokens = {k!r}, expected an integer >= 1")
-        k = k if spec else 0
-        mode = self.draft_mode if draft_mode is None else _check_draft_mode(draft_mode)
-        saved_mode, self.draft_mode = self.draft_mode, mode
+        k = k if self.assistant is not None and use_assistant else 0
+        mode = _check_draft_mode(self.draft_mode if draft_mode is None else draft_mode)
+        # sliding blocks stay while the target (W keys) or the drafter (the last W+1) can still see them
+        keep = max(self.cfg.sliding_window, self.assistant.config.text.sliding_window + 1 if self.assistant else 0)
+        lens = [len(p) for p in prompts]
+        cache = KVCache.for_requests(
+            self.cfg, lens, max_new_tokens, k, keep, self.block_size, self.num_blocks, self.dtype, self.device
+        )
         stops = set(self.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
         gens = make_generators(seed, len(prompts))
-        max_ctx = self.cfg.max_position_embeddings
+        run = _Run(cache, params, k, mode, gens, stops, max_new_tokens, Stats(sum(lens), prefill_steps=1), on_tokens)
         seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
-        cache = self._make_cache(prompts, max_new_tokens, k)
-        try:
-            for s in seqs:
-                cache.add(s.idx)
-            # prefill: every prompt in one packed forward; first token from the last row of each
-            out, cu = self._target_forward(cache, seqs, [s.prompt for s in seqs])
-            rows = torch.tensor([c - 1 for c in cu[1:]])
-            first = self._pick(out.logits[rows], params, gens)
-            stats = Stats(prompt_tokens=sum(map(len, prompts)), prefill_steps=1)
-            for s, r, t in zip(seqs, rows.tolist(), first):
-                s.cache_len, s.hidden = len(s.prompt), out.hidden[r]
-                s.stats.prompt_tokens = len(s.prompt)
-                cache.trim_window(s.idx, s.cache_len)
-                self._emit(s, [t], stops, max_new_tokens, max_ctx, on_tokens)
-            stats.ttft_s = time.perf_counter() - t0
-            for s in seqs:
-                s.stats.ttft_s = stats.ttft_s
-            while active := [s for s in seqs if s.done is None]:
-                self._round(cache, active, k, params, gens, stops, max_new_tokens, max_ctx, stats, on_tokens)
-        finally:
-            self.draft_mode = saved_mode
-        stats.elapsed_s = time.perf_counter() - t0
+        self._prefill(run, seqs)
+        run.stats.ttft_s = time.perf_counter() - t0
+        while active := [s for s in seqs if s.done is None]:
+            self._round(run, active)
+        run.stats.elapsed_s = time.perf_counter() - t0
+        run.stats.generated_tokens = sum(len(s.out) for s in seqs)
         for s in seqs:
-            s.stats.elapsed_s = stats.elapsed_s
-        stats.generated_tokens = sum(len(s.out) for s in seqs)
-        return GenerationResult([s.out for s in seqs], [s.done for s in seqs], stats, [s.stats for s in seqs])
+            s.stats.ttft_s, s.stats.elapsed_s = run.stats.ttft_s, run.stats.elapsed_s
+        return GenerationResult([s.out for s in seqs], [s.done for s in seqs], run.stats, [s.stats for s in seqs])
 
-    def _round(self, cache, active, k, params, gens, stops, max_new, max_ctx, stats, on_tokens):
+    def _prefill(self, run: _Run, seqs: list[_Seq]) -> None:
+        """Every prompt in one packed forward; the first token from the last row of each."""
+        for s in seqs:
+            run.cache.add(s.idx)
+        out, cu = self._target_forward(run, seqs, [s.prompt for s in seqs])
+        rows = [c - 1 for c in cu[1:]]
+        for s, r, t in zip(seqs, rows, self._pick(run, out.logits[rows])):
+            s.cache_len, s.hidden, s.stats.prompt_tokens = len(s.prompt), out.hidden[r], len(s.prompt)
+            run.cache.trim_window(s.idx, s.cache_len)
+            self._emit(run, s, [t])
+
+    def _round(self, run: _Run, active: list[_Seq]) -> None:
+        """Draft, verify, accept, roll back: one round for every active sequence (module docstring)."""
+        max_ctx = self.cfg.max_position_embeddings
         # drafts per sequence: never more than the budget left (the round also emits one target token)
-        ks = [max(0, min(k, max_new - len(s.out) - 1, max_ctx - s.cache_len - 2)) for s in active]
-        K = max(ks)
-        B = len(active)
-        drafts = torch.zeros(B, 0, dtype=torch.long)
-        q = None
+        ks = [max(0, min(run.k, run.max_new - len(s.out) - 1, max_ctx - s.cache_len - 2)) for s in active]
+        B, K = len(active), max(ks)
         t0 = time.perf_counter()
-        if K > 0:
-            drafts, q = self._draft(cache, active, ks, params, [gens[s.idx] for s in active])
+        drafts, q = self._draft(run, active, ks) if K > 0 else (torch.zeros(B, 0, dtype=torch.long), None)
         drafts_l = drafts.tolist()
         t1 = time.perf_counter()
-        out, cu = self._target_forward(
-            cache, active, [[s.pending] + drafts_l[b][: ks[b]] for b, s in enumerate(active)]
-        )
-        stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
-        V = out.logits.shape[-1]
-        if all(kb == K for kb in ks):  # every sequence verified K + 1 rows: the packed logits already are [B, K+1, V]
-            logits = out.logits.view(B, K + 1, V)
-        else:
-            logits = torch.zeros(B, K + 1, V, dtype=out.logits.dtype)
-            for b in range(B):
-                logits[b, : ks[b] + 1] = out.logits[cu[b] : cu[b + 1]]
+        out, cu = self._target_forward(run, active, [[s.pending] + drafts_l[b][: ks[b]] for b, s in enumerate(active)])
+        run.stats.draft_s += t1 - t0
+        run.stats.verify_s += time.perf_counter() - t1
+        logits = pad_sequence(list(out.logits.split([kb + 1 for kb in ks])), batch_first=True)  # [B, K+1, V]
         num_drafts = torch.tensor(ks, dtype=torch.long)
-        if params.is_greedy:
+        if run.params.is_greedy:
             ids, n_emit = self.verify_greedy(logits, drafts, num_drafts)
         else:
-            g = [gens[s.idx] for s in active]
-            probs = process_logits(logits.view(B * (K + 1), V), params).view(B, K + 1, V)
-            ids, n_emit = self.verify(probs, drafts, q, num_drafts, draw_uniforms(g, k)[:, :K], draw_exponentials(g, V))
+            g, V = [run.gens[s.idx] for s in active], logits.shape[-1]
+            probs = process_logits(logits.view(B * (K + 1), V), run.params).view(B, K + 1, V)
+            u = draw_uniforms(g, run.k)[:, :K]  # k draws whatever the round's K: streams independent of batchmates
+            ids, n_emit = self.verify(probs, drafts, q, num_drafts, u, draw_exponentials(g, V))
         ids_l, n_l = ids.tolist(), n_emit.tolist()
         for b, s in enumerate(active):
             n_acc = n_l[b] - 1
-            stats.count_round(ks[b], n_acc, forward=b == 0)  # one batched forward for the whole round
+            run.stats.count_round(ks[b], n_acc, forward=b == 0)  # one batched forward for the whole round
             s.stats.count_round(ks[b], n_acc)
             s.hidden = out.hidden[cu[b] + n_acc]
             s.cache_len += 1 + n_acc  # the pending token and the accepted drafts now have valid K/V
-            cache.truncate(s.idx, s.cache_len)  # roll back the rejected drafts
-            cache.trim_window(s.idx, s.cache_len)
-            self._emit(s, ids_l[b][: n_l[b]], stops, max_new, max_ctx, on_tokens)
+            run.cache.truncate(s.idx, s.cache_len)  # roll back the rejected drafts
+            run.cache.trim_window(s.idx, s.cache_len)
+            self._emit(run, s, ids_l[b][: n_l[b]])
 
-    def _pick(self, logits, params, gens) -> list[int]:
-        if params.is_greedy:
+    def _target_forward(self, run: _Run, seqs: list[_Seq], new_tokens: list[list[int]]):
+        """One target forward over the packed new tokens of several sequences (their K/V go into the cache)."""
+        starts, counts = [s.cache_len for s in seqs], [len(t) for t in new_tokens]
+        for s, c in zip(seqs, counts):
+            run.cache.reserve(s.idx, s.cache_len + c)
+        ctx = PagedContext(run.cache, self.attention, [s.idx for s in seqs], starts, counts)
+        tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(self.device)
+        return self.target.run(tok, pos, ctx, logit_rows="all"), ctx.cu_q_lens.tolist()
+
+    def _draft(self, run: _Run, seqs: list[_Seq], ks: list[int]):
+        """max(ks) drafting steps for every sequence at its constant position p = cache_len. Returns draft ids
+        ``[B, K]`` and, for sampled drafts, the processed drafter distributions q' ``[B, K, V]`` (else None)."""
+        positions = [s.cache_len for s in seqs]
+        ctx = self.draft_context(
+            run.cache, self.assistant.config.text, self.attention, [s.idx for s in seqs], positions
+        )
+        p = torch.tensor(positions, device=self.device)
+        rope = self.assistant.rope(p)  # the position is the same at every step of the round
+        last = torch.tensor([s.pending for s in seqs], device=self.device)
+        hidden = torch.stack([s.hidden for s in seqs])
+        drafts, qs = [], []
+        for j in range(max(ks)):
+            logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
+            if run.sampled_drafts:
+                q = process_logits(logits, run.params)
+                # only sequences that use step j draw from their generator: a sequence's random stream never
+                # depends on its batchmates (the others get dummy noise; their step-j drafts are discarded)
+                noise = torch.ones_like(q)
+                use = [b for b, kb in enumerate(ks) if kb > j]
+                noise[use] = draw_exponentials([run.gens[seqs[b].idx] for b in use], q.shape[-1]).to(q.device)
+                last = sample(q, noise)
+                qs.append(q)
+            else:
+                last = logits.float().argmax(-1)  # (an exact upcast)
+            drafts.append(last)
+        return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
+
+    def _pick(self, run: _Run, logits: torch.Tensor) -> list[int]:
+        if run.params.is_greedy:
             return logits.argmax(-1).tolist()
-        probs = process_logits(logits, params)
-        return sample(probs, draw_exponentials(gens, probs.shape[-1])).tolist()
+        probs = process_logits(logits, run.params)
+        return sample(probs, draw_exponentials(run.gens, probs.shape[-1])).tolist()
 
-    @staticmethod
-    def _emit(s: _Seq, toks: list[int], stops, max_new, max_ctx, on_tokens) -> None:
+    def _emit(self, run: _Run, s: _Seq, toks: list[int]) -> None:
         """Append emitted tokens, trimming at the first stop token / the budget."""
         new = []
         for t in toks:
             new.append(t)
-            if t in stops:
+            if t in run.stops:
                 s.done = "stop"
                 break
-            if len(s.out) + len(new) >= max_new:
+            if len(s.out) + len(new) >= run.max_new:
                 s.done = "length"
                 break
         s.out.extend(new)
         s.stats.generated_tokens += len(new)
         s.pending = new[-1]
-        if s.done is None and s.cache_len + 1 >= max_ctx:
+        if s.done is None and s.cache_len + 1 >= self.cfg.max_position_embeddings:
             s.done = "context"
-        if on_tokens is not None and new:
-            on_tokens(s.idx, new)
-
-    def _make_cache(self, prompts, max_new: int, k: int) -> KVCache:
-        bs, W = self.block_size, self.cfg.sliding_window
-        keep = max(W, (self.assistant.config.text.sliding_window + 1) if self.assistant is not None else 0)
-        full = sum(-(-(len(p) + max_new + k + 1) // bs) for p in prompts)
-        window = sum(
-            min(-(-(len(p) + max_new + k + 1) // bs), -(-len(p) // bs) + -(-(keep + k + 1) // bs) + 2) for p in prompts
-        )
-        types = set(self.cfg.layer_types)
-        if self.num_blocks is not None:
-            sizes = {t: self.num_blocks for t in types}
-        else:
-            sizes = {t: (window if t == SLIDING else full) for t in types}
-        return KVCache(self.cfg, sizes, bs, keep, self.dtype, self.device)
+        if run.on_tokens is not None and new:
+            run.on_tokens(s.idx, new)
 
 
 def _check_draft_mode(mode: str) -> str:

@@ -15,7 +15,6 @@ Layout (docs: concepts/paged-kv-cache). Every layer that computes K/V (not the K
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from minimtp.config import SLIDING, TextConfig
 from minimtp.errors import CacheFullError
@@ -31,7 +30,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        self.cfg, self.block_size = cfg, block_size
+        self.cfg, self.block_size, self.device = cfg, block_size, torch.device(device)
         self.keep = sliding_keep if sliding_keep is not None else cfg.sliding_window + 1
         self.num_blocks = dict(num_blocks)
         self.free_blocks = {t: list(range(n - 1, -1, -1)) for t, n in self.num_blocks.items()}
@@ -44,6 +43,31 @@ class KVCache:
                 self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
         self.tables: dict[int, dict[str, list[int | None]]] = {}  # seq -> type -> block ids (None = freed)
         self.lengths: dict[int, int] = {}
+
+    @classmethod
+    def for_requests(
+        cls,
+        cfg: TextConfig,
+        prompt_lens,
+        max_new: int,
+        k: int,
+        keep: int,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        dtype=torch.float32,
+        device="cpu",
+    ) -> KVCache:
+        """A pool that fits every request: ``prompt + max_new + k + 1`` positions each (the k drafts and the pending
+        token of the last round). A sliding pool needs only the prompt's blocks (freed after prefill) plus the
+        ``keep + k + 1`` positions that stay visible, with two blocks of slack. ``num_blocks`` overrides both."""
+        cdiv = lambda a, b: -(-a // b)
+        full = sum(cdiv(n + max_new + k + 1, block_size) for n in prompt_lens)
+        window = sum(
+            min(cdiv(n + max_new + k + 1, block_size), cdiv(n, block_size) + cdiv(keep + k + 1, block_size) + 2)
+            for n in prompt_lens
+        )
+        sizes = {t: num_blocks or (window if t == SLIDING else full) for t in set(cfg.layer_types)}
+        return cls(cfg, sizes, block_size, keep, dtype, device)
 
     # ---- sequence bookkeeping -------------------------------------------------------------------------------
     def add(self, seq: int) -> None:
@@ -115,91 +139,3 @@ class KVCache:
         kc, vc = self.k[i], self.v[i]
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k.to(kc.dtype))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v.to(vc.dtype))
-
-
-class PagedContext:
-    """How the target's layers reach the paged cache in one packed forward: ``store`` writes the new K/V through
-    the slot mapping, ``attend`` runs the attention backend over the (source) layer's blocks."""
-
-    def __init__(self, cache: KVCache, backend, block_tables, slots, seq_lens, cu_q_lens):
-        self.cache, self.backend, self.cfg = cache, backend, cache.cfg
-        self.block_tables, self.slots, self.seq_lens, self.cu_q_lens = block_tables, slots, seq_lens, cu_q_lens
-
-    def store(self, i, k, v):
-        self.cache.write(i, self.slots[self.cfg.layer_types[i]], k, v)
-
-    def attend(self, i, q, window):
-        src, t = self.cfg.kv_source(i), self.cfg.layer_types[i]
-        kc, vc = self.cache.k[src], self.cache.v[src]
-        out = self.backend(q.to(kc.dtype), kc, vc, self.block_tables[t], self.seq_lens, self.cu_q_lens, window, 1.0)
-        return out.to(q.dtype)
-
-
-class DraftPagedContext:
-    """The assistant's view of the target cache: one query per sequence at position p that sees the target's
-    store-layer K/V of its layer type at positions < p (``seq_lens = p``); sliding layers see the last W+1."""
-
-    def __init__(self, cache: KVCache, draft_cfg: TextConfig, backend, block_tables, seq_lens):
-        self.cache, self.dcfg, self.backend = cache, draft_cfg, backend
-        self.block_tables, self.seq_lens = block_tables, seq_lens
-        self.cu_q_lens = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=seq_lens.device)
-
-    def store(self, i, k, v):  # pragma: no cover
-        raise RuntimeError("assistant layers do not produce K/V")
-
-    def attend(self, i, q, window):
-        t = self.dcfg.layer_types[i]
-        src = self.cache.cfg.store_layer(t)
-        kc, vc = self.cache.k[src], self.cache.v[src]
-        w = self.dcfg.sliding_window + 1 if t == SLIDING else 0
-        out = self.backend(q.to(kc.dtype), kc, vc, self.block_tables[t], self.seq_lens, self.cu_q_lens, w, 1.0)
-        return out.to(q.dtype)
-
-
-class DraftRoundContext:
-    """The same view as :class:`DraftPagedContext`, gathered once per drafting round.
-
-    Within a round every draft step queries the same position p against the same target K/V, so the visible
-    keys (full layers: positions < p; sliding layers: the last W+1 of them) are copied out of the blocks once,
-    as contiguous float32 ``[B, kvh, S, d]`` (padded across sequences and masked), and each step is one dense
-    attention call. This is the CPU path of the torch backend: on a CPU a k-step round then reads the blocks once
-    instead of k times, and float32 attention over a few hundred keys is several times faster than bfloat16."""
-
-    def __init__(self, cache: KVCache, draft_cfg: TextConfig, seqs: list[int], positions: list[int]):
-        self.dcfg, self.kv, self.mask = draft_cfg, {}, {}
-        bs = cache.block_size
-        for t in sorted(set(draft_cfg.layer_types)):
-            src = cache.cfg.store_layer(t)
-            kc, vc = cache.k[src], cache.v[src]
-            lo = [max(0, p - (draft_cfg.sliding_window + 1)) if t == SLIDING else 0 for p in positions]
-            lens = [p - a for a, p in zip(lo, positions)]
-            S = max(1, max(lens))
-            rows = []
-            for s, a, n in zip(seqs, lo, lens):  # slots of positions a .. a+n-1 (padding repeats the last one)
-                table = torch.tensor([b or 0 for b in cache.tables[s][t]], dtype=torch.int64)
-                pos = torch.arange(a, a + S).clamp(max=a + max(n, 1) - 1)
-                rows.append(table[pos // bs] * bs + pos % bs)
-            idx = torch.stack(rows).to(kc.device)
-            flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
-            # [B, S, kvh, d] float32 (a contiguous conversion), viewed as [B, kvh, S, d]
-            k = flat_k.index_select(0, idx.view(-1)).float().view(len(seqs), S, *kc.shape[2:]).transpose(1, 2)
-            v = flat_v.index_select(0, idx.view(-1)).float().view(len(seqs), S, *vc.shape[2:]).transpose(1, 2)
-            self.kv[t] = (k, v)
-            if min(lens) < S:  # ragged batch: mask the padding (a query with no key at all gets zeros)
-                keep = torch.arange(S, device=kc.device)[None, :] < torch.tensor(lens, device=kc.device)[:, None]
-                self.mask[t] = keep[:, None, None, :]
-            else:
-                self.mask[t] = None
-
-    def store(self, i, k, v):  # pragma: no cover
-        raise RuntimeError("assistant layers do not produce K/V")
-
-    def attend(self, i, q, window):
-        t = self.dcfg.layer_types[i]
-        k, v = self.kv[t]
-        B, Hq, d = q.shape
-        mask = self.mask[t]
-        o = F.scaled_dot_product_attention(
-            q.float()[:, :, None, :], k, v, attn_mask=mask, scale=1.0, enable_gqa=Hq != k.shape[1]
-        )[:, :, 0, :]
-        return (o if mask is None else torch.nan_to_num(o)).to(q.dtype)

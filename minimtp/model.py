@@ -4,11 +4,11 @@ Parameter names equal the Hugging Face ``Gemma4ForCausalLM`` state dict, so chec
 Every forward works on a packed batch of tokens ``[T]`` with their absolute positions; *how* attention
 finds its keys is decided by a context object:
 
-* :class:`DenseContext` – B equal-length sequences, full causal attention, no cache (``model(input_ids)``,
-  training, tests);
-* ``minimtp.kv_cache.PagedContext`` – the engine's paged KV cache and an attention backend.
+``DenseContext`` (B equal-length sequences, causal, no cache: ``model(input_ids)``, training, tests) or
+``PagedContext`` (the engine's paged KV cache and an attention backend); both are in :mod:`minimtp.attention`.
 
-Equations follow transformers 5.23 (gemma4.md §2); the docs page concepts/gemma4-architecture derives them.
+Equations follow transformers' ``models/gemma4/modeling_gemma4.py``; docs: concepts/gemma4-architecture derives
+them.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimtp.attention import DenseContext
 from minimtp.config import FULL, SLIDING, RopeConfig, TextConfig
-from minimtp.onednn import weight_version
+
+__all__ = ["Gemma4", "load_target", "DenseContext"]  # DenseContext: re-exported from minimtp.attention
 
 
 class RMSNorm(nn.Module):
@@ -35,12 +37,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.weight.dtype == x.dtype:
-            # torch's fused rms_norm computes in float32 for 16-bit inputs: bit-identical to the lines below
-            # (tests/test_target.py) in one operator call, which is what a one-token step pays for on a CPU
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        xf = x.float()  # mixed dtypes (training under autocast): the same math written out
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (y if self.weight is None else y * self.weight.float()).to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -100,52 +99,16 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(H, self.kvh * self.d, bias=bias)
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(self.d, cfg.rms_norm_eps, with_scale=False)
-        self.proj_names = [n for n in ("q_proj", "k_proj", "v_proj") if hasattr(self, n)]
-        self.fused = None  # q/k/v projections as one matmul, set by minimtp.onednn.prepack_ (decoding on CPU)
-
-    def fuse_groups(self) -> dict:
-        return {"fused": self.proj_names}
 
     def forward(self, x: torch.Tensor, rope: tuple, ctx) -> torch.Tensor:
-        T = x.shape[0]
-        cos, sin = rope
-        if self.fused is not None and self.has_kv and not self.k_eq_v:
-            q, k, v = self._fused_qkv(x, cos, sin)
-            ctx.store(self.layer_idx, k, v)
-        else:
-            if self.fused is not None:
-                proj = self.fused(x).split(self.fused.sizes, dim=-1)  # [x Wq, x Wk(, x Wv)] in one call
-            else:
-                proj = [getattr(self, n)(x) for n in self.proj_names]
-            q = apply_rope(self.q_norm(proj[0].view(T, self.nh, self.d)), cos, sin)
-            if self.has_kv:
-                k_raw = proj[1].view(T, self.kvh, self.d)
-                v_raw = k_raw if self.k_eq_v else proj[2].view(T, self.kvh, self.d)
-                k = apply_rope(self.k_norm(k_raw), cos, sin)
-                ctx.store(self.layer_idx, k, self.v_norm(v_raw))
+        T, (cos, sin) = x.shape[0], rope
+        q = apply_rope(self.q_norm(self.q_proj(x).view(T, self.nh, self.d)), cos, sin)
+        if self.has_kv:
+            k = self.k_proj(x).view(T, self.kvh, self.d)
+            v = k if self.k_eq_v else self.v_proj(x).view(T, self.kvh, self.d)
+            ctx.store(self.layer_idx, apply_rope(self.k_norm(k), cos, sin), self.v_norm(v))
         o = ctx.attend(self.layer_idx, q, self.window)
         return self.o_proj(o.reshape(T, self.nh * self.d))
-
-    def _fused_qkv(self, x: torch.Tensor, cos, sin):
-        """The prepacked decoding path (:mod:`minimtp.onednn`): the same q, k, v bit for bit, in fewer operator
-        calls. One matmul gives every head; one float32 RMSNorm normalises all of them, each head then scaled by its
-        norm's weight (q_norm, k_norm, 1 for v: exactly what three fused rms_norm calls compute); one RoPE call
-        rotates the q and k heads together."""
-        T, nq, nk = x.shape[0], self.nh, self.kvh
-        h = self.fused(x).view(T, nq + 2 * nk, self.d)
-        h = (F.rms_norm(h.float(), (self.d,), None, self.q_norm.eps) * self._head_norm_weights()).to(x.dtype)
-        qk = apply_rope(h[:, : nq + nk], cos, sin)
-        return qk[:, :nq], qk[:, nq:], h[:, nq + nk :]
-
-    def _head_norm_weights(self) -> torch.Tensor:
-        """``[nq + 2 nk, d]`` float32: q_norm's weight for q heads, k_norm's for k heads, ones for v heads."""
-        version = (weight_version(self.q_norm.weight), weight_version(self.k_norm.weight))
-        cached = self.__dict__.get("_head_w")
-        if cached is None or cached[0] != version:
-            wq, wk = self.q_norm.weight.float(), self.k_norm.weight.float()
-            w = torch.cat([wq.expand(self.nh, -1), wk.expand(self.kvh, -1), torch.ones_like(wk).expand(self.kvh, -1)])
-            self.__dict__["_head_w"] = cached = (version, w)
-        return cached[1]
 
 
 class MLP(nn.Module):
@@ -157,14 +120,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.approximate = approximate
-        self.fused = None  # gate and up as one matmul, set by minimtp.onednn.prepack_ (decoding on CPU)
-
-    def fuse_groups(self) -> dict:
-        return {"fused": ["gate_proj", "up_proj"]}
 
     def forward(self, x):
-        g, u = self.fused(x).chunk(2, dim=-1) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(gelu(g, self.approximate) * u)
+        return self.down_proj(gelu(self.gate_proj(x), self.approximate) * self.up_proj(x))
 
 
 class Router(nn.Module):
@@ -288,6 +246,14 @@ class TextModel(nn.Module):
         return (ctx + tok.view(-1, L, P)) * (2.0**-0.5)
 
 
+class Unembedding(nn.Module):
+    """logits = h Wᵀ for the head matrix W its owner passes in (the tied input embedding, or ``lm_head.weight``):
+    it owns no parameter, so the state dict stays the checkpoint's. The CPU fast path swaps in a twin."""
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight)
+
+
 @dataclass
 class TargetOutput:
     hidden: torch.Tensor  # [T, H] post-final-norm (what the assistant reads)
@@ -304,6 +270,7 @@ class Gemma4(nn.Module):
         self.model = TextModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.unembed = Unembedding()
         self._rope_types = {t: (cfg.rope[t], cfg.type_head_dim(t)) for t in set(cfg.layer_types)}
 
     @property
@@ -314,24 +281,10 @@ class Gemma4(nn.Module):
         """The scaled input embedding e = E[ids]·sqrt(H) (the assistant's input too)."""
         return self.model.embed_tokens(ids)
 
-    def prepack(self) -> int:
-        """bfloat16 on CPU: prepack every linear and the head for oneDNN (:mod:`minimtp.onednn`; bit-identical,
-        about 2x faster matmuls when decoding). Returns how many matrices were packed (0 elsewhere)."""
-        from minimtp.onednn import PackedLinear, available, prepack_
-
-        n = prepack_(self)
-        if available(self.lm_head_weight):  # kept out of the module tree: the state dict does not change
-            object.__setattr__(self, "_packed_head", PackedLinear(self.lm_head_weight))
-            n += 1
-        return n
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.__dict__.get("_packed_head")
-        logits = head(hidden) if head is not None else hidden @ self.lm_head_weight.T
+        logits = self.unembed(hidden, self.lm_head_weight)
         cap = self.config.final_logit_softcapping
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx, logit_rows=None) -> TargetOutput:
         """Packed forward: ids/positions ``[T]``; ``ctx`` decides where K/V go and come from.
@@ -367,34 +320,6 @@ class Gemma4(nn.Module):
             k, v = ctx.kv[self.config.store_layer(t)]
             kv[t] = (k.view(B, S, *k.shape[1:]), v.view(B, S, *v.shape[1:]))
         return out.logits.view(B, S, -1), out.hidden.view(B, S, -1), kv
-
-
-class DenseContext:
-    """Attention for B sequences of S tokens each (packed as T = B·S), causal, no cache."""
-
-    def __init__(self, cfg: TextConfig, B: int, S: int):
-        self.cfg, self.B, self.S = cfg, B, S
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def store(self, i, k, v):
-        self.kv[i] = (k, v)
-
-    def attend(self, i, q, window):
-        k, v = self.kv[self.cfg.kv_source(i)]
-        B, S = self.B, self.S
-        pos = torch.arange(S, device=q.device)
-        mask = pos[None, :] <= pos[:, None]
-        if window:
-            mask &= pos[None, :] > pos[:, None] - window
-        o = F.scaled_dot_product_attention(
-            q.view(B, S, *q.shape[1:]).transpose(1, 2),
-            k.view(B, S, *k.shape[1:]).transpose(1, 2),
-            v.view(B, S, *v.shape[1:]).transpose(1, 2),
-            attn_mask=mask,
-            scale=1.0,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return o.transpose(1, 2).reshape(B * S, *q.shape[1:])
 
 
 def load_target(path, dtype=torch.float32, device="cpu") -> Gemma4:

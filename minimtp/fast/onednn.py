@@ -1,14 +1,13 @@
-"""Prepacked oneDNN linears: the bfloat16 CPU fast path for decoding.
+"""Prepacked oneDNN linears: the bfloat16 CPU twin of ``nn.Linear`` and of the model's ``Unembedding``.
 
-Decoding multiplies one row (plain decoding) or k+1 rows (verification) by every weight matrix, so a step costs
-about (bytes of weights) / (speed at which the matmul kernel streams them). torch's default CPU kernel for a
-bfloat16 matmul with a few rows streams about 6 GB/s on the benchmark machine; oneDNN, with each weight reordered
-once into its blocked layout, streams 13-16 GB/s and returns **bit-identical** results (tests/test_onednn.py).
-This is what ``torch.compile`` does when it freezes a bfloat16 model on CPU (weight prepacking); here it is done
-eagerly, once, when the :class:`~minimtp.engine.Engine` is built.
+Decoding multiplies one row (plain decoding) or k+1 rows (verification) by every weight matrix, so a step costs about
+(bytes of weights) / (the speed at which the matmul kernel streams them). oneDNN, with each weight reordered once
+into its blocked layout, streams them several times faster than torch's default CPU kernel for a bfloat16 matmul
+with a few rows, and returns **bit-identical** results (tests/test_fast.py; measured: docs/benchmarks.md). This is
+what ``torch.compile`` does when it freezes a bfloat16 model on CPU (weight prepacking); here it is done eagerly.
 
-The original weight stays the module's parameter (same state-dict keys, tied weights still shared); the packed
-copy is derived from it and re-derived if the weight is modified in place.
+The original weight stays the module's parameter (same state-dict keys, tied weights still shared); the packed copy
+is derived from it, lazily on the first call, and re-derived if the weight is modified in place.
 """
 
 from __future__ import annotations
@@ -38,9 +37,9 @@ def weight_version(t: torch.Tensor) -> int:
 class PackedLinear(nn.Module):
     """``y = x Wᵀ (+ b)`` through oneDNN with W prepacked; drop-in for an ``nn.Linear`` (same parameters).
 
-    :meth:`fused` builds one over several linears at once, ``W = [W_1; W_2; ...]`` (their outputs concatenated,
-    ``sizes`` tells how to split them): one call streams q, k and v (or gate and up) together. A fused module owns
-    no parameters (the state dict keeps the original names) and repacks if any source weight changes in place."""
+    :meth:`over` builds one over several weights at once, ``W = [W_1; W_2; ...]`` (outputs concatenated, ``sizes``
+    tells how to split them): one call streams q, k and v (or gate and up) together. Such a module owns no
+    parameters (the state dict keeps the original names) and repacks if any source weight changes in place."""
 
     def __init__(self, weight: nn.Parameter | torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -55,13 +54,17 @@ class PackedLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     @classmethod
-    def fused(cls, linears: list[nn.Linear]) -> PackedLinear:
-        self = cls(linears[0].weight, linears[0].bias)
+    def over(cls, sources: list[tuple[torch.Tensor, torch.Tensor | None]]) -> PackedLinear:
+        """One matmul over the (weight, bias) pairs of several linears, registering none of them."""
+        self = cls(*sources[0])
         del self.weight, self.bias  # not parameters of this module: its sources are
-        self.__dict__["_sources"] = [(m.weight, m.bias) for m in linears]
-        self.sizes = [m.out_features for m in linears]
+        self.__dict__["_sources"] = list(sources)
+        self.sizes = [w.shape[0] for w, _ in sources]
         self.out_features = sum(self.sizes)
         return self
+
+    def source_weight(self) -> torch.Tensor:
+        return self._sources[0][0]
 
     def _weight_bias(self):
         ws, bs = zip(*self._sources)
@@ -88,18 +91,22 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+class PackedUnembedding(nn.Module):
+    """Twin of ``minimtp.model.Unembedding`` (``logits = h Wᵀ``) for the head matrix it was built over; any other
+    ``weight`` passed in takes the reference path. Owns no parameter."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.linear = PackedLinear.over([(weight, None)])
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.linear(h) if weight is self.linear.source_weight() else F.linear(h, weight)
+
+
 def prepack_(module: nn.Module) -> int:
-    """Replace every bfloat16 CPU ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`, in place, and fuse
-    the groups a module names in ``fuse_groups()`` (q/k/v, gate/up) into its ``fused`` attribute. Returns how
-    many matrices were packed (0 where oneDNN cannot be used)."""
+    """Replace every bfloat16 CPU ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`, in place (packing
+    happens on a module's first call, so a linear that is never called costs no memory). Returns the count."""
     n = 0
-    groups = module.fuse_groups() if hasattr(module, "fuse_groups") else {}
-    for attr, names in groups.items():
-        linears = [getattr(module, name) for name in names]
-        already = getattr(module, attr, None) is not None  # e.g. an int8 fused matmul (minimtp.quantize)
-        if not already and len(linears) > 1 and all(type(m) is nn.Linear and available(m.weight) for m in linears):
-            setattr(module, attr, PackedLinear.fused(linears))
-            n += 1
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear and available(child.weight):
             setattr(module, name, PackedLinear.from_linear(child))

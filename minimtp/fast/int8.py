@@ -57,26 +57,45 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]
 
 
-def quantize_int8_(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` inside ``module`` by an :class:`Int8Linear`, in place, and fuse the groups a
-    module names in ``fuse_groups()`` (gate/up) into its ``fused`` attribute (per-row scales make the concatenation
-    exact); the rest goes to bfloat16. Returns the module."""
-    module.to(torch.bfloat16)
-    groups = module.fuse_groups() if hasattr(module, "fuse_groups") else {}
-    sources = set()  # linears that live on only inside a fused matmul: not quantized a second time
-    for attr, names in groups.items():
-        linears = [getattr(module, name) for name in names]
-        if len(linears) > 1 and all(type(m) is nn.Linear for m in linears):
-            bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-            fused = Int8Linear(torch.cat([m.weight for m in linears]), bias)
-            fused.sizes = [m.out_features for m in linears]
-            setattr(module, attr, fused)
-            sources.update(names)
+class Int8Unembedding(nn.Module):
+    """Twin of ``minimtp.model.Unembedding`` for the tied dense head: ``logits = h (Q ⊙ s)ᵀ`` with Q, s quantized
+    from the head matrix it was built over; any other ``weight`` passed in takes the reference path."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.linear = Int8Linear(weight)
+        self.__dict__["source"] = weight  # the tied embedding: owned by the model, not by this module
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.linear(h) if weight is self.source else F.linear(h, weight)
+
+
+def quantize_int8_(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """Replace every ``nn.Linear`` inside ``module`` (but those in ``skip``) by an :class:`Int8Linear`, in place.
+    Returns the module."""
     for name, child in list(module.named_children()):
-        if name in sources:
+        if any(child is s for s in skip):
             continue
         if isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear(child.weight, child.bias))
         elif not isinstance(child, Int8Linear):
-            quantize_int8_(child)
+            quantize_int8_(child, skip)
     return module
+
+
+def quantize_assistant_(assistant) -> None:
+    """The int8 drafter, in place: bfloat16 activations and norms; every linear int8, gate/up fused into one int8
+    matmul (per-row scales make the concatenation exact); the tied dense head int8 (a centroid head keeps its
+    gather of the embedding and quantizes its centroid scorer)."""
+    from minimtp.fast.fused import FusedMLP
+
+    assistant.to(torch.bfloat16)
+    for layer in assistant.model.layers:
+        m = layer.mlp
+        layer.mlp = FusedMLP(m, Int8Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight])))
+    # the fused MLPs keep gate_proj/up_proj as their (unused) sources: not quantized a second time
+    quantize_int8_(
+        assistant, skip=tuple(x for layer in assistant.model.layers for x in (layer.mlp.gate_proj, layer.mlp.up_proj))
+    )
+    if not assistant.config.use_ordered_embeddings:
+        assistant.unembed = Int8Unembedding(assistant.model.embed_tokens.weight)

@@ -1,0 +1,22 @@
+"""The CPU fast path: twins of the reference modules, switched on in one visible place.
+
+``minimtp.fast.FastEngine(target, assistant)`` is :class:`minimtp.Engine` with every twin below (the CLI and
+``python -m minimtp.bench`` use it unless ``--reference`` is given); ``minimtp.fast.optimize(target, assistant)``
+applies the model twins alone. Both rewrite the models **in place**. Each twin has the reference's call signature
+and is proven equal by tests/test_fast.py:
+
+==============================  ===========================================  ==========================================
+reference (``minimtp/``)        twin (``minimtp/fast/``)                     proof
+==============================  ===========================================  ==========================================
+``nn.Linear`` (bfloat16, CPU)   ``onednn.PackedLinear`` (oneDNN-prepacked)   bit-identical outputs
+``model.Unembedding``           ``onednn.PackedUnembedding``                 bit-identical logits
+``model.Attention``, ``MLP``    ``fused.FusedAttention``, ``FusedMLP``       bit-identical logits, three target families
+``model.RMSNorm``               ``fused.FusedRMSNorm``                       bit-identical
+``attention.DraftPagedContext``  ``draft_context.DraftRoundContext``          equal draft logits; equal tokens
+a float drafter                 ``int8.quantize_assistant_`` (weight-only)   exactness: χ² tests (only acceptance moves)
+==============================  ===========================================  ==========================================
+"""
+
+from minimtp.fast.optimize import FastEngine, optimize, weights_dtype
+
+__all__ = ["FastEngine", "optimize", "weights_dtype"]

@@ -200,6 +200,92 @@ def compare_transformers(model_dir, asst_dir, tok, args, dtype) -> dict:
     return {k: _median(v) for k, v in out.items()}
 
 
+def median_ms(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls, in milliseconds."""
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def prefilled_cache(target, past: int, room: int, attention_backend: str = "torch", seed: int = 0):
+    """A one-sequence paged KV cache (sequence 0) holding ``past`` random tokens run through ``target``, with room
+    for ``room`` more. Returns ``(cache, forward, ids, hidden)``: ``forward(start, count)`` runs ``ids[start:
+    start + count]`` at those positions over the cache (logits for every row, as a verify step), ``ids`` holds
+    ``past + room`` random token ids, ``hidden`` is the target's hidden state at ``past - 1``."""
+    import torch
+
+    from minimtp.attention import PagedContext, get_attention_backend
+    from minimtp.kv_cache import KVCache
+
+    cfg, w = target.config, target.model.embed_tokens.weight
+    block = 16
+    blocks = -(-(past + room) // block) + 1
+    cache = KVCache(cfg, {t: blocks for t in set(cfg.layer_types)}, block, None, w.dtype, w.device)
+    cache.add(0)
+    attend = get_attention_backend(attention_backend)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, cfg.vocab_size, (past + room,), generator=gen).to(w.device)
+
+    def forward(start: int, count: int):
+        cache.reserve(0, start + count)
+        ctx = PagedContext(cache, attend, [0], [start], [count])
+        pos = torch.arange(start, start + count, device=w.device)
+        return target.run(ids[start : start + count], pos, ctx, logit_rows="all")
+
+    with torch.inference_mode():
+        hidden = forward(0, past).hidden[-1:]
+    return cache, forward, ids, hidden
+
+
+def target_forward_ms(target, past: int = 256, ks=(1, 2, 3, 5), reps: int = 30, rounds: int = 3, **kw) -> dict:
+    """Median latency (ms) of a k-token forward of ``target`` over a paged cache of ``past`` tokens (logits for all
+    k rows, as the verify step of a round), for each k in ``ks``. Every shape is warmed up first (oneDNN builds
+    primitives per shape) and the shapes are interleaved over ``rounds`` against drift; ``kw``: attention_backend."""
+    import torch
+
+    cache, forward, _, _ = prefilled_cache(target, past, max(ks), **kw)
+
+    def step(k):
+        forward(past, k)
+        cache.truncate(0, past)
+
+    res = {k: [] for k in ks}
+    with torch.inference_mode():
+        for k in ks:
+            for _ in range(10):
+                step(k)
+        for _ in range(rounds):
+            for k in ks:
+                res[k].append(median_ms(lambda k=k: step(k), reps))
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+def assistant_step_ms(target, assistant, past: int = 256, reps: int = 50, rounds: int = 3, **kw) -> float:
+    """Median latency (ms) of one drafting step of ``assistant`` (its forward and the argmax) at position
+    ``past`` over ``target``'s paged cache of ``past`` tokens, as in a round of the engine; ``kw``:
+    attention_backend."""
+    import torch
+
+    from minimtp.attention import DraftPagedContext, get_attention_backend
+
+    cache, _, ids, hidden = prefilled_cache(target, past, 1, **kw)
+    attend = get_attention_backend(kw.get("attention_backend", "torch"))
+    ctx = DraftPagedContext(cache, assistant.config.text, attend, [0], [past])
+    pos = torch.tensor([past], device=hidden.device)
+
+    def step():
+        logits, _ = assistant.step(target.embed(ids[past : past + 1]), hidden, pos, ctx)
+        logits.float().argmax(-1)
+
+    with torch.inference_mode():
+        for _ in range(20):
+            step()
+        return statistics.median(median_ms(step, reps) for _ in range(rounds))
+
+
 def main(argv=None) -> int:
     from minimtp.generate import DEFAULT_DIR
 

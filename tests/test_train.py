@@ -1,18 +1,21 @@
-"""minimtp.train: tokenizer, a tiny pre-training run, a tiny distillation, and the shipped default pair."""
+"""minimtp.train: tokenizer, a tiny pre-training run, a tiny distillation, selfgen, bench, and the shipped pair."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 import pytest
 import torch
 
+import minimtp
 from minimtp import train
 from minimtp.assistant import Gemma4Assistant
+from minimtp.engine import Engine
 from minimtp.model import Gemma4
 
-DEFAULT = os.path.join(os.path.dirname(train.__file__), "default_model")
+DEFAULT = os.path.join(os.path.dirname(minimtp.__file__), "default_model")
 TARGET_DIR, ASSISTANT_DIR = os.path.join(DEFAULT, "target"), os.path.join(DEFAULT, "assistant")
 CODE = 'def f(x):\n\t"""Tabs, ünïcode, 日本語 and emoji 🐍."""\n    return  x ** 2   # trailing  \n\n\n'
 
@@ -35,6 +38,14 @@ def tiny_run(tmp_path_factory):
 def _log(run):
     with open(os.path.join(run, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def _greedy_full(fn, ids, n):
+    """Greedy decoding with a full, uncached forward per token (independent of any KV cache)."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(fn(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
 
 
 def test_tiny_training_reduces_loss_and_exports(tiny_run):
@@ -79,13 +90,15 @@ def test_tiny_distillation_raises_acceptance(tiny_run, tmp_path):
     before = train.measure_acceptance(target, untrained.eval(), prompts, 24, 3)
     after = train.measure_acceptance(target, trained, prompts, 24, 3)
     assert after["acceptance_rate"] > before["acceptance_rate"] + 0.2, (before, after)
+    assert after["drafted"] >= after["rounds"] > 0 and len(after["per_position"]) == 3
+    assert after["acceptance_rate"] == round(after["accepted"] / after["drafted"], 3)
     recs = _log(run)
     assert recs[-1]["val_top1_1"] > 0.3
 
 
 def test_selfgen_rows_are_the_targets_greedy_continuations(tiny_run, tmp_path):
     """`selfgen` writes <bos> + corpus prompt + the target's continuation; the greedy rows are exactly what plain
-    greedy decoding gives, and a distillation run can train on them."""
+    greedy decoding (an uncached full forward per token) gives, and a distillation run can train on them."""
     import numpy as np
 
     final, data = os.path.join(tiny_run, "final"), str(tmp_path / "data")
@@ -95,7 +108,7 @@ def test_selfgen_rows_are_the_targets_greedy_continuations(tiny_run, tmp_path):
     assert rows.shape == (8, 41) and (rows[:, 0] == train.BOS).all()
     target = train.load_target(final, torch.float32)
     for r in rows[:2].tolist():
-        assert train.greedy_generate(target, r[:9], 32) == r
+        assert _greedy_full(target, r[:9], 32) == r
     run = str(tmp_path / "asst")
     args = ["assistant", "--out", run, "--target", final, "--max-files", "12", "--hidden", "32", "--intermediate"]
     args += ["64", "--layers", "2", "--heads", "2", "--steps", "3", "--batch-size", "4", "--seq-len", "40"]
@@ -117,11 +130,43 @@ def test_selfgen_rows_are_the_targets_greedy_continuations(tiny_run, tmp_path):
         assert torch.equal(v, want), k
 
 
-def test_simulate_rounds():
-    seq = [5, 6, 7, 8, 9, 10]
-    drafts = torch.tensor([[6, 7], [7, 0], [8, 9], [0, 0], [10, 11], [0, 0]])
-    # from c=0: drafts 6,7 both right (n=2) -> c=3; drafts 0 wrong (n=0) -> c=4; draft 10 right, end -> stop
-    assert train.simulate_rounds(seq, drafts, 0, 2) == [2, 0, 1]
+def test_export_accept_and_report_commands(tiny_run, tmp_path, capsys):
+    """`export` rewrites the final directory from the checkpoint; `accept` measures a pair through the engine
+    (speculative output identical to plain); `report` draws the curves."""
+    final, exported = os.path.join(tiny_run, "final"), str(tmp_path / "exported")
+    train.main(["export", "--out", tiny_run, "--to", exported])
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        with open(os.path.join(final, name), "rb") as a, open(os.path.join(exported, name), "rb") as b:
+            assert a.read() == b.read(), name
+    target = train.load_target(final)
+    a = argparse.Namespace(hidden=32, intermediate=64, layers=1, pattern="f", heads=2)
+    cfg = train.assistant_config_dict(a, target.config)
+    asst = Gemma4Assistant(train.parse_assistant_dict(cfg))
+    train.init_weights(asst)
+    adir = str(tmp_path / "asst")
+    train.export_assistant(asst, cfg, adir, 3)
+    capsys.readouterr()
+    train.main(["accept", "--target", final, "--assistant", adir, "--k", "3", "--new-tokens", "8", "--engine"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    acc, timing = lines[0]["acceptance"], lines[1]["timing"]
+    assert acc["k"] == 3 and acc["drafted"] > 0 and 0 <= acc["acceptance_rate"] <= 1
+    assert timing["identical_to_plain"] is True
+    png = str(tmp_path / "curves.png")
+    train.main(["report", "--out", tiny_run, "--png", png])
+    assert os.path.isfile(png)
+
+
+def test_bench_command_times_every_k(capsys):
+    """`bench`: k-token forward latencies of a target shape and an assistant step, in bf16 and fp32."""
+    shape = ["--vocab", "64", "--hidden", "32", "--intermediate", "64", "--layers", "2", "--pattern", "sf"]
+    shape += ["--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--global-head-dim", "32", "--window", "8"]
+    train.main(["bench", *shape, "--past", "24", "--assistant-layers", "1", "--assistant-hidden", "16"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["past"] == 24 and out["threads"] == 1 and out["params_M"] > 0
+    for dt in ("bf16", "fp32"):
+        assert all(out[dt][f"k{k}_ms"] > 0 for k in (1, 2, 3, 5)), out
+        assert out[dt]["k5_ratio"] == pytest.approx(out[dt]["k5_ms"] / out[dt]["k1_ms"], abs=0.01)
+        assert out[dt]["assistant_step_ms"] > 0
 
 
 def test_tokenizer_roundtrip_tiny(tmp_path):
@@ -161,13 +206,6 @@ def test_shipped_tokenizer():
         assert json.load(f)["num_assistant_tokens"] >= 1
 
 
-def _greedy_full(fn, ids, n):
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(fn(torch.tensor([ids]))[0, -1].argmax()))
-    return ids
-
-
 @shipped
 def test_shipped_target_matches_transformers():
     from transformers import Gemma4ForCausalLM
@@ -185,7 +223,8 @@ def test_shipped_target_matches_transformers():
             a = _greedy_full(lambda t: hf(t).logits, ids, 20)
             b = _greedy_full(ours, ids, 20)
             assert a == b, (p, a, b)
-            assert train.greedy_generate(ours, ids, 20) == b  # the cached decoding loop agrees too
+            res = Engine(ours).generate([ids], max_new_tokens=20, stop_token_ids=[])
+            assert ids + res.tokens[0] == b  # the engine's cached decoding agrees too
 
 
 @shipped

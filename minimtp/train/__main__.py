@@ -1,0 +1,5 @@
+"""``python -m minimtp.train <cmd>``."""
+
+from minimtp.train.cli import main
+
+main()

@@ -302,15 +302,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default="code,json,list,prose", help="comma-separated prompt types")
     p.add_argument("--attention", choices=["torch", "triton"], default="torch")
+    p.add_argument("--reference", action="store_true", help="the pure reference Engine (no CPU fast path)")
     p.add_argument("--out", default="bench_results", help="directory for bench.md, bench.json and the plots")
     p.add_argument("--compare-transformers", action="store_true")
     args = p.parse_args(argv)
 
     import torch
 
-    from minimtp import Engine, load_assistant, load_target
     from minimtp.errors import MinimtpError
-    from minimtp.generate import _checkpoint_dtype, draft_dtype, load_tokenizer
+    from minimtp.fast import weights_dtype
+    from minimtp.generate import _checkpoint_dtype, load_pair, load_tokenizer
 
     try:
         torch.set_flush_denormal(True)
@@ -322,9 +323,7 @@ def main(argv=None) -> int:
             return 2
         dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
         tok = load_tokenizer(model_dir)
-        target = load_target(model_dir, dtype=dtype)
-        assistant = load_assistant(asst_dir, target, dtype=draft_dtype(args.draft_dtype, target))
-        engine = Engine(target, assistant, attention_backend=args.attention)
+        target, assistant, engine = load_pair(model_dir, asst_dir, args)
         ks = [int(x) for x in args.ks.split(",")]
         kinds = args.prompts.split(",")
         unknown = [k for k in kinds if k not in PROMPTS]
@@ -338,7 +337,8 @@ def main(argv=None) -> int:
     rows = summarize(res, ks)
     header = (
         f"minimtp bench: {os.path.basename(os.path.abspath(model_dir))} ({dtype}, assistant "
-        f"{engine.assistant.weights_dtype}), {args.threads} thread(s), "
+        f"{weights_dtype(engine.assistant)}), {'reference Engine' if args.reference else 'FastEngine'}, "
+        f"{args.threads} thread(s), "
         f"T={args.temperature}, {args.max_new_tokens} new tokens, median of {args.repeats} interleaved repeats"
     )
     md = markdown(rows, header)

@@ -1,8 +1,9 @@
 """``python -m minimtp.generate``: generate text with a Gemma 4 target, sped up by its assistant.
 
-With no model flags the embedded default pair (``minimtp/default_model``) is used. Tokens are streamed as they
-are accepted; a stats line follows on stderr (acceptance as llama.cpp prints it: "a accepted / g drafted").
-Errors print one line on stderr and exit with status 2.
+With no model flags the embedded default pair (``minimtp/default_model``) is used. Decoding runs on
+``minimtp.fast.FastEngine`` (the reference Engine with the CPU fast twins); ``--reference`` runs the pure reference.
+Tokens are streamed as they are accepted; a stats line follows on stderr (acceptance as llama.cpp prints it:
+"a accepted / g drafted"). Errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--draft-dtype",
         default="auto",
-        help="assistant dtype: float32 | bfloat16 | float16 | int8 (weight-only) | auto (int8 on CPU for a 16-bit "
-        "target, else the target's dtype)",
+        help="assistant dtype: float32 | bfloat16 | float16 | int8 (weight-only, a fast-path twin) | auto (int8 on "
+        "CPU for a 16-bit target, else the target's dtype; the target's dtype with --reference)",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="run the pure PyTorch reference (minimtp.Engine) instead of the CPU fast path (minimtp.fast.FastEngine)",
     )
     p.add_argument("--draft-mode", choices=["argmax", "sample"], default="argmax")
     p.add_argument("--attention", choices=["torch", "triton"], default="torch", help="paged-attention backend")
@@ -61,17 +67,44 @@ def _checkpoint_dtype(model_dir: str) -> str:
     return dt if dt in ("float32", "bfloat16", "float16") else "float32"
 
 
-def draft_dtype(arg: str, target) -> str | None:
+def draft_dtype(arg: str, target, reference: bool = False) -> str | None:
     """The assistant's dtype. ``auto``: weight-only ``int8`` on CPU when the target runs in 16 bits, else the target's
     dtype (None). A draft step is a chain of one-row matmuls that stream every drafter weight once, so on a CPU its
     cost follows the bytes of the weights: int8 halves them (measured: docs/benchmarks.md). The drafter only
-    proposes; the target's distribution is untouched (minimtp.quantize)."""
+    proposes; the target's distribution is untouched (docs: concepts/speculative-decoding). int8 is a fast-path
+    twin (``minimtp.fast``): the reference drafts in a float dtype."""
     import torch
 
+    from minimtp.errors import GenerationError
+
+    if arg == "int8" and reference:
+        raise GenerationError(
+            "--draft-dtype int8 needs the fast path: drop --reference, or pick float32/bfloat16/float16"
+        )
     if arg != "auto":
         return arg
     w = target.model.embed_tokens.weight
-    return "int8" if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)) else None
+    fast_cpu = not reference and w.device.type == "cpu"
+    return "int8" if (fast_cpu and w.dtype in (torch.bfloat16, torch.float16)) else None
+
+
+def load_pair(model_dir: str, asst_dir: str | None, args):
+    """(target, assistant or None, engine) as the flags ask: ``--dtype``, ``--draft-dtype``, ``--reference``,
+    ``--attention``; shared with ``python -m minimtp.bench``."""
+    from minimtp import Engine, load_assistant, load_target
+    from minimtp.fast import FastEngine
+
+    dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
+    target = load_target(model_dir, dtype=dtype)
+    want = draft_dtype(args.draft_dtype, target, args.reference)
+    assistant = None
+    if asst_dir:  # an int8 drafter is quantized from its bfloat16 weights by the fast path
+        assistant = load_assistant(asst_dir, target, dtype="bfloat16" if want == "int8" else want)
+    kw = dict(attention_backend=args.attention, verify_backend=getattr(args, "verifier", "torch"))
+    kw["draft_mode"] = getattr(args, "draft_mode", "argmax")
+    if args.reference:
+        return target, assistant, Engine(target, assistant, **kw)
+    return target, assistant, FastEngine(target, assistant, draft_dtype="int8" if want == "int8" else None, **kw)
 
 
 def load_tokenizer(model_dir: str):
@@ -155,7 +188,6 @@ def main(argv=None) -> int:
 
 
 def _run(args, torch) -> int:
-    from minimtp import Engine, load_assistant, load_target
     from minimtp.errors import ConfigError
 
     torch.set_flush_denormal(True)
@@ -172,12 +204,7 @@ def _run(args, torch) -> int:
             raise ConfigError(f"{d}: no such {what} directory")
     prompt = read_prompt(args)
     tok = load_tokenizer(model_dir)
-    dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
-    target = load_target(model_dir, dtype=dtype)
-    assistant = load_assistant(asst_dir, target, dtype=draft_dtype(args.draft_dtype, target)) if asst_dir else None
-    engine = Engine(
-        target, assistant, attention_backend=args.attention, verify_backend=args.verifier, draft_mode=args.draft_mode
-    )
+    target, assistant, engine = load_pair(model_dir, asst_dir, args)
     ids = encode(tok, prompt, args.chat)
     generated: list[int] = []
     printed = [""]

@@ -299,18 +299,18 @@ def test_dtype_follows_target(saved):
     assert e2b.masked_embedding.token_ordering.dtype == torch.int64  # integer buffers keep their dtype
 
 
-@pytest.mark.parametrize("dtype, tol", [("float16", 0.01), ("bfloat16", 0.03), ("int8", 0.05)])
+@pytest.mark.parametrize("dtype, tol", [("float16", 0.01), ("bfloat16", 0.03)])
 @pytest.mark.parametrize("ordered", [True, False], ids=["centroid", "dense_head"])
 def test_cheaper_drafters_stay_close(assistant_dir, ordered, dtype, tol):
-    """int8 / half-precision drafting (fp32 target) stays within a few percent of the fp32 drafter (relative L2
-    error of the logits and recurrent state over two steps). Measured on these models: at most 0.0022 (float16,
-    10 mantissa bits), 0.024 (bfloat16, 7 bits) and 0.039 (int8 weights, bf16 activations); the bounds leave
-    1.3-4.5x room. Exactness never depends on it; acceptance does."""
+    """Half-precision drafting (fp32 target) stays within a few percent of the fp32 drafter (relative L2 error of the
+    logits and recurrent state over two steps). Measured on these models: at most 0.0022 (float16, 10 mantissa
+    bits) and 0.024 (bfloat16, 7 bits); the bounds leave 1.2-4.5x room. Exactness never depends on it; acceptance
+    does. (The int8 drafter of the fast path: tests/test_fast.py.)"""
     tdir, adir = assistant_dir("e2b", ordered)
     target = minimtp.load_target(tdir)
     ref = mt_steps(minimtp.load_assistant(adir, target), target, prompt(), S - 1)
     cheap = minimtp.load_assistant(adir, target, dtype=dtype)
-    assert cheap.weights_dtype == dtype
+    assert cheap.pre_projection.weight.dtype == getattr(torch, dtype)
     got = mt_steps(cheap, target, prompt(), S - 1)
     for (gl, gh), (wl, wh) in zip(got, ref):
         assert ((gh.float() - wh).norm() / wh.norm()).item() <= tol, dtype  # the recurrent state
@@ -320,35 +320,3 @@ def test_cheaper_drafters_stay_close(assistant_dir, ordered, dtype, tol):
             gl, wl = gl[both], wl[both]
         err = ((gl.float() - wl).norm() / wl.norm()).item()
         assert err <= tol, (dtype, err)
-
-
-def test_round_context_equals_paged_context(saved):
-    """The drafter's K/V gathered once per round (DraftRoundContext) gives the same step as reading the paged
-    blocks (DraftPagedContext): ragged batch, sliding window wrapped several times (W = 8), block size 4."""
-    from minimtp.engine import Engine, _Seq
-    from minimtp.kv_cache import DraftPagedContext, DraftRoundContext
-
-    target = minimtp.load_target(saved("e2b")[0])
-    assistant = minimtp.load_assistant(saved("e2b")[1], target)
-    engine = Engine(target, assistant, block_size=4)
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 17, 40)]
-    cache = engine._make_cache(prompts, 8, 4)
-    seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
-    for s in seqs:
-        cache.add(s.idx)
-    out, cu = engine._target_forward(cache, seqs, [s.prompt for s in seqs])
-    for s in seqs:
-        s.cache_len = len(s.prompt)
-        cache.trim_window(s.idx, s.cache_len)  # freed blocks must not be read by either context
-    p = torch.tensor([s.cache_len for s in seqs])
-    hidden = out.hidden[torch.tensor(cu[1:]) - 1]
-    emb = target.embed(torch.tensor([7, 8, 9]))
-    acfg = assistant.config.text
-    paged = DraftPagedContext(cache, acfg, engine.attention, cache.block_tables([0, 1, 2]), p.to(torch.int32))
-    rnd = DraftRoundContext(cache, acfg, [0, 1, 2], p.tolist())
-    for _ in range(2):
-        (lp, hp), (lr, hr) = assistant.step(emb, hidden, p, paged), assistant.step(emb, hidden, p, rnd)
-        assert (lp - lr).abs().max().item() <= 1e-5
-        assert (hp - hr).abs().max().item() <= 1e-5
-        emb, hidden = target.embed(lp.argmax(-1)), hp

@@ -40,6 +40,7 @@ import torch
 from distribution_harness import (
     PROMPT,
     V,
+    batched_paged_attention,
     build_pair,
     check_all,
     continuation_logits,
@@ -183,14 +184,18 @@ def test_speculative_matches_exact(setting, mode, k):
 
 @pytest.mark.parametrize("mode", ["sample", "argmax"])
 def test_speculative_matches_exact_int8_drafter(mode):
-    """The CLI's CPU default: a weight-only int8 drafter (bfloat16 activations) under a float32 target. Its q is
-    whatever the quantized drafter computes; verifying against that same q keeps the output exact."""
+    """The CLI's CPU default: the FastEngine (fused norms, the round-level draft context) with a weight-only int8
+    drafter (bfloat16 activations) under a float32 target. Its q is whatever the quantized drafter computes;
+    verifying against that same q keeps the output exact."""
     import copy
 
-    target, assistant = pair()
-    a8 = copy.deepcopy(assistant).quantize_int8()
-    assert a8.weights_dtype == "int8"
-    res, acc = run_and_test(make_engine(target, a8), "T1", N_DEFAULT, k=3, mode=mode, seed_key=("int8", mode))
+    from minimtp.fast import FastEngine, weights_dtype
+
+    target, assistant = (copy.deepcopy(m) for m in pair())  # the fast path rewrites the models in place
+    eng = FastEngine(target, assistant, block_size=4, draft_dtype="int8")
+    eng.attention = batched_paged_attention  # the target's attention stand-in, as in make_engine
+    assert weights_dtype(assistant) == "int8"
+    res, acc = run_and_test(eng, "T1", N_DEFAULT, k=3, mode=mode, seed_key=("int8", mode))
     _assert_exact(res)
     assert acc > 0.1
 
@@ -218,7 +223,7 @@ def _spy_raw_logits(engine):
     what transformers hands to its sampled-draft rule (no temperature / top-k on q)."""
     orig_draft, assistant = engine._draft, engine.assistant
 
-    def _draft(cache, seqs, k, params, gens):
+    def _draft(run, seqs, ks):
         raw = []
         orig_step = assistant.step
 
@@ -229,7 +234,7 @@ def _spy_raw_logits(engine):
 
         assistant.step = step
         try:
-            drafts, _ = orig_draft(cache, seqs, k, params, gens)
+            drafts, _ = orig_draft(run, seqs, ks)
         finally:
             del assistant.step
         return drafts, torch.softmax(torch.stack(raw, 1).float(), -1)

@@ -151,13 +151,13 @@ def test_plain_greedy_equals_transformers(plain, family):
     assert out[0, ids.shape[1] :].tolist() == list(plain(family)[1])
 
 
-@pytest.mark.parametrize("draft_dtype", ["int8", "float16", "bfloat16"])
+@pytest.mark.parametrize("draft_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("family", ["e2b", "dense"])
 def test_greedy_exact_with_cheaper_drafters(saved, plain, family, draft_dtype):
-    """A quantized / half-precision drafter (fp32 target) changes acceptance, never the tokens."""
+    """A half-precision drafter (fp32 target) changes acceptance, never the tokens (int8: tests/test_fast.py)."""
     target = untie_minimtp(minimtp.load_target(saved(family)[0]))
     assistant = minimtp.load_assistant(saved(family)[1], target, dtype=draft_dtype)
-    assert assistant.weights_dtype == draft_dtype
+    assert assistant.pre_projection.weight.dtype == getattr(torch, draft_dtype)
     res = minimtp.Engine(target, assistant).generate(
         PROMPTS, N_NEW, num_speculative_tokens=3, temperature=0.0, stop_token_ids=[]
     )
@@ -194,7 +194,7 @@ class Oracle:
         self.prev: torch.Tensor | None = None
         original = engine._draft
 
-        def draft(cache, seqs, k, params, gens):
+        def draft(run, seqs, ks):
             self.rows = [(s.idx, s.cache_len) for s in seqs]
             self.j = 0
             for s in seqs:
@@ -202,7 +202,7 @@ class Oracle:
                 want = self.target.forward_with_kv(torch.tensor([self.full[s.idx][: s.cache_len]]))[1][0, -1]
                 assert (s.hidden - want).abs().max().item() <= 1e-4
                 assert s.pending == self.full[s.idx][s.cache_len]
-            out = original(cache, seqs, k, params, gens)
+            out = original(run, seqs, ks)
             for idx, _ in self.rows:
                 self.rounds[idx] += 1
             return out

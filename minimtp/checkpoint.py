@@ -49,7 +49,9 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 
 def default_aliases(key: str) -> tuple[str, ...]:
-    """Checkpoint names to try for a model key: itself, then the multimodal layouts (gemma4.md §5.2, §5.4)."""
+    """Checkpoint names to try for a model key: itself, then the multimodal layouts (the ``-it`` checkpoints keep
+    the decoder under ``model.language_model.``; docs: guides/real-checkpoints, "What the loader does with the
+    multimodal layout")."""
     if not key.startswith("model."):
         return (key,)
     rest = key[len("model.") :]

@@ -3,7 +3,8 @@
 Accepted ``model_type`` values: ``gemma4_text`` (``Gemma4ForCausalLM``), ``gemma4`` (the multimodal container of the
 real ``google/gemma-4-*-it`` checkpoints; its ``text_config`` is used) and ``gemma4_assistant`` (the MTP drafter).
 Per-layer head dims / KV heads come from either the older ``global_head_dim`` / ``num_global_key_value_heads`` form
-or the ``per_layer_config`` form transformers 5.23 writes (docs: concepts/gemma4-architecture, gemma4.md §1, §5.4).
+or the ``per_layer_config`` form transformers 5.23 writes (docs: concepts/gemma4-architecture, "Configuration";
+transformers ``models/gemma4/configuration_gemma4.py``, ``Gemma4TextConfig``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class TextConfig:
     def kv_modes(self) -> tuple[str | None, ...]:
         """Per layer: ``"reuse"`` (no K/V of its own), ``"store"`` (last non-reuse layer of its type: the target's
         K/V the reuse layers and the assistant read) or None. With no sharing the last layer of each type stores
-        (the intended semantics, gemma4.md §0/§1.4); a fully shared config (the assistant) is all ``"reuse"``."""
+        (the intended semantics; docs: concepts/gemma4-architecture, "KV sharing"); a fully shared config (the
+        assistant) is all ``"reuse"``."""
         L, first_reuse = self.num_layers, self.num_layers - self.num_kv_shared_layers
         modes: list[str | None] = [None if i < first_reuse else "reuse" for i in range(L)]
         for t in set(self.layer_types):

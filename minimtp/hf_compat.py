@@ -1,6 +1,6 @@
 """The transformers 5.23.0 fixes minimtp needs to use transformers as an oracle (tests, ``bench --compare``).
 
-``Gemma4TextConfig.kv_sharing_modes`` (gemma4.md §0) raises for a fully shared config, so
+``Gemma4TextConfig.kv_sharing_modes`` (``models/gemma4/configuration_gemma4.py``) raises for a fully shared config, so
 ``Gemma4AssistantForCausalLM`` cannot be built, and it marks no "store" layer when nothing is shared (26B/31B
 targets), so assisted decoding fails. The patched property: all ``"reuse"`` when every layer is shared; with no
 sharing, ``"store"`` on the last layer of each type; otherwise the original. Target outputs are unchanged.

@@ -15,7 +15,8 @@ Three rules, each emitting tokens distributed exactly as sampling p one token at
                     y ~ p_j with x_j removed, renormalised. Then P(emit x) = p(x) and, for y != x,
                     P(emit y) = (1 - p(x)) * p(y) / (1 - p(x)) = p(y). Valid for ANY x chosen independently
                     of the verification randomness - which is why "argmax drafts verified as if sampled from q"
-                    (transformers, gemma4.md §4.5) is wrong and this is right.
+                    (transformers' ``_speculative_sampling``; docs: concepts/speculative-decoding, "Three rules
+                    that look right and are not") is wrong and this is right.
   If all n drafts are accepted the bonus token is y ~ p_n. The emitted token is a function of the (n+1)-th
   target row only, so by induction on positions the whole output sequence has the target's distribution.
 

@@ -1,5 +1,6 @@
-"""minimtp's Gemma 4 assistant against transformers' Gemma4AssistantForCausalLM (patched, gemma4.md §0), fed the
-same inputs (gemma4.md §7 "Assistant step in isolation"), and load_assistant's compatibility checks."""
+"""minimtp's Gemma 4 assistant against transformers' Gemma4AssistantForCausalLM (patched by ``minimtp.hf_compat``),
+fed the same inputs (docs: concepts/gemma4-assistant, "Clean semantics, and transformers' off-by-one"), and
+load_assistant's compatibility checks."""
 
 from __future__ import annotations
 

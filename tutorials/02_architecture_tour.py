@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else "tutorials")
 from _tiny import tiny_target
 
+from minimtp.attention import DenseContext
 from minimtp.config import FULL, SLIDING
-from minimtp.model import DenseContext, rope_inv_freq
+from minimtp.model import rope_inv_freq
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 target = tiny_target(seed=0, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16, mix=1.0)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in g
 from _tiny import tiny_assistant, tiny_target
 
 import minimtp
-from minimtp.assistant import DraftDenseContext
+from minimtp.attention import DraftDenseContext
 from minimtp.config import FULL, SLIDING
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
@@ -155,4 +155,27 @@ print(
 assert seen[0][0] == drafts
 assert spec.tokens == plain.tokens and spec.tokens[0][: n + 1] == [t] + emitted[:n]
 assert s.target_steps < plain.stats.target_steps
+
+# %% [markdown]
+# ## The whole loop in one screen
+#
+# The engine batches ragged prompts, streams, and keeps statistics; the algorithm itself fits on one screen.
+# `minimtp.decode.speculative_decode` is that screen for one sequence: draft $k$ at the constant position,
+# verify $k+1$ rows in one target forward, accept a prefix plus one token, roll the cache back. Read it next to
+# this tutorial (`minimtp/decode.py`); it emits exactly the engine's tokens, for greedy and seeded sampling alike.
+
+# %%
+import inspect
+
+from minimtp.decode import speculative_decode
+
+print(f"speculative_decode: {len(inspect.getsource(speculative_decode).splitlines())} lines")
+one = speculative_decode(target, assistant, prompt, 24, 4, stop_token_ids=[])
+assert one == spec.tokens[0]
+sampled = dict(temperature=0.8, top_k=20, seed=3, draft_mode="sample", stop_token_ids=[])
+assert (
+    speculative_decode(target, assistant, prompt, 24, 4, **sampled)
+    == engine.generate([prompt], 24, num_speculative_tokens=4, **sampled).tokens[0]
+)
+print("one-screen loop == engine, greedy and sampled")
 print("tutorial 03 OK")

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else "tutorials")
 from _tiny import tiny_target
 
-from minimtp.attention import paged_attention
+from minimtp.attention import PagedContext, paged_attention
 from minimtp.config import FULL, SLIDING
-from minimtp.kv_cache import KVCache, PagedContext
+from minimtp.kv_cache import KVCache
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 target = tiny_target(seed=0)
@@ -49,14 +49,7 @@ def forward(seq_ids, starts, chunks):
     counts = [len(c) for c in chunks]
     for s, st, c in zip(seq_ids, starts, counts):
         cache.reserve(s, st + c)
-    ctx = PagedContext(
-        cache,
-        paged_attention,
-        cache.block_tables(seq_ids),
-        cache.slot_mapping(seq_ids, starts, counts),
-        torch.tensor([st + c for st, c in zip(starts, counts)], dtype=torch.int32),
-        torch.tensor([0] + counts).cumsum(0).to(torch.int32),
-    )
+    ctx = PagedContext(cache, paged_attention, seq_ids, starts, counts)  # block tables, slots, lengths
     ids = torch.tensor([t for c in chunks for t in c])
     pos = torch.tensor([st + j for st, c in zip(starts, counts) for j in range(c)])
     with torch.no_grad():

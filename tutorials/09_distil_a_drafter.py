@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in g
 from _tiny import FAST, tiny_assistant, tiny_target
 
 import minimtp
-from minimtp.assistant import DraftDenseContext
+from minimtp.attention import DraftDenseContext
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead

@@ -9,7 +9,8 @@ at Gemma's vocabulary. Bandwidth counts the bytes a kernel must move at least (k
 queries and outputs; for verification the probability / logit rows it reads), divided by the median latency
 from ``triton.testing.do_bench``. Prints a table and writes a PNG (matplotlib).
 
-Needs a CUDA device; without one it says so and exits (``--help`` works anywhere). Not run in CI.
+Needs a CUDA device and the interpreter off (``TRITON_INTERPRET`` unset); otherwise it says so and exits
+(``--help`` works anywhere). Not run in CI.
 """
 
 from __future__ import annotations
@@ -97,7 +98,12 @@ def main(argv=None) -> int:
     import triton
     from minimtp.kernels import paged_attention as pa
     from minimtp.kernels import verify as vk
+    from minimtp.kernels.runtime import is_interpreted
     from triton.testing import do_bench
+
+    if is_interpreted(pa._paged_attention_kernel):
+        print("kernels/bench.py times the compiled kernels: unset TRITON_INTERPRET (it is set to 1 here).")
+        return 2
 
     from minimtp.attention import paged_attention as torch_attention
     from minimtp.speculative import verify as torch_verify

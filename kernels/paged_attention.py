@@ -18,10 +18,13 @@ docstring first). The walk-through with pictures is ``docs/concepts/kernels.md``
   (q_len = k + 1) at small batch — the key range is cut into ``num_splits`` segments, each program writes an
   unnormalised partial result ``(acc, m, l)``, and :func:`_reduce_segments_kernel` merges them.
 
-Interpreter rules (the kernels also run on CPU under ``TRITON_INTERPRET=1``): bf16 is upcast to fp32
+On CPU the kernels run under Triton's interpreter, an explicit opt-in: ``TRITON_INTERPRET=1`` in the environment
+before Python starts (``@triton.jit`` decides when it decorates; see :mod:`minimtp.kernels`). Without it, CPU
+tensors raise :class:`minimtp.errors.CompatibilityError`. Interpreter rules: bf16 is upcast to fp32
 (``UPCAST``), no libdevice, no block pointers, ``tl.cast`` on scalars, no autotuning, no device queries.
 
-Run ``python -m minimtp.kernels.paged_attention`` for a self-check against the PyTorch reference.
+Run ``python -m minimtp.kernels.paged_attention`` for a self-check against the PyTorch reference (on CPU:
+``TRITON_INTERPRET=1 python -m minimtp.kernels.paged_attention``).
 """
 
 from __future__ import annotations
@@ -31,33 +34,15 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-
-def ensure_interpretable_stdlib() -> None:
-    """Make Triton's own ``@triton.jit`` helpers (``tl.sum``, ``tl.max``, ``tl.cdiv``, ...) callable under the
-    interpreter.
-
-    ``@triton.jit`` decides between compiled and interpreted *when it decorates*. If ``triton`` was imported
-    before ``TRITON_INTERPRET=1`` was set — ``torch._dynamo`` (pulled in by transformers) imports it — our kernels
-    are interpreted but Triton's standard library stays compiled-mode, and the first ``tl.sum`` raises "Cannot
-    call @triton.jit'd outside of the scope of a kernel". Re-wrap those helpers (interpreter mode only)."""
-    if not triton.knobs.runtime.interpret:
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    for module in (tl, tl.core, tl.standard, tl.math, tl.random):
-        for name, obj in list(vars(module).items()):
-            if isinstance(obj, JITFunction):
-                setattr(module, name, InterpretedFunction(obj.fn))
-
-
-ensure_interpretable_stdlib()
+from minimtp.kernels.runtime import check_launch, is_interpreted
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16  # at most this many KV segments per (query tile, KV head)
 MAX_SPLIT_Q_LEN = 16  # split only decode / verify shapes (mean q_len <= this): partials are [S, T, Hq, D] fp32
 INTERPRETER_NUM_SMS = 4  # the pretend SM count on CPU, so small test batches take the split path too
+# FMA contraction, passed to every launch rather than left to TRITON_DEFAULT_FP_FUSION: Triton 3.9 defaults it on
+# and warns that 3.10 will default it off. On: the tolerances and the compile check were measured with it.
+FP_FUSION = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +351,7 @@ def paged_attention(
     if T == 0 or B == 0:
         return out
 
-    interpret = bool(triton.knobs.runtime.interpret)
+    interpret = check_launch(_paged_attention_kernel, q.device)
     cfg = _launch_config(D, q.dtype, interpret)
     tile_n = tile_n or cfg["tile_n"]
     group = Hq // Hkv
@@ -426,6 +411,7 @@ def paged_attention(
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
     )
     if split:
         d_pad = max(16, _next_pow2(D))
@@ -444,6 +430,7 @@ def paged_attention(
             HEAD_D_PAD=d_pad,
             BLOCK_H=block_h,
             num_warps=4,
+            enable_fp_fusion=FP_FUSION,
         )
     return out
 
@@ -477,10 +464,17 @@ def _random_case(q_lens, seq_lens, Hq, Hkv, D, block_size, dtype, device, seed=0
 
 
 if __name__ == "__main__":
+    import sys
+
     from minimtp.attention import paged_attention as reference
+    from minimtp.errors import CompatibilityError
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device {device}, interpreter {triton.knobs.runtime.interpret}")
+    print(f"device {device}, interpreter {is_interpreted(_paged_attention_kernel)}")
+    try:
+        check_launch(_paged_attention_kernel, torch.device(device))
+    except CompatibilityError as e:
+        sys.exit(f"error: {e}")
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
         for window in (0, 5):
             for splits in (1, 3):

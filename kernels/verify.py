@@ -24,6 +24,10 @@ recovered id is always ``< V`` (vLLM GHSA-8wr5-jm2h-8r4f), and every row offset 
 int32 at ~8k rows of Gemma's 262,144 vocabulary).
 
 Not reproduced: NaN logits / probabilities (``torch.argmax`` returns the NaN's index, the kernel skips NaNs).
+
+On CPU the kernels run under Triton's interpreter, an explicit opt-in: ``TRITON_INTERPRET=1`` in the environment
+before Python starts (``@triton.jit`` decides when it decorates; see :mod:`minimtp.kernels`). Without it, CPU
+tensors raise :class:`minimtp.errors.CompatibilityError`.
 """
 
 from __future__ import annotations
@@ -31,9 +35,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from minimtp.kernels.paged_attention import ensure_interpretable_stdlib
-
-ensure_interpretable_stdlib()  # triton may have been imported before TRITON_INTERPRET was set
+from minimtp.kernels.runtime import check_launch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -265,18 +267,19 @@ def _race_finish_kernel(
 
 MAX_BLOCK_V = 8192  # vocabulary tile (elements per loop iteration)
 TARGET_CHUNK_TILES = 4  # GPU: tiles per chunk, so Gemma's V = 262144 is 8 chunks of 32768 per row
+FP_FUSION = True  # passed to every launch, not left to TRITON_DEFAULT_FP_FUSION (no float mul-add here to fuse)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _vocab_split(V: int, block_v: int | None, num_chunks: int | None) -> tuple[int, int, int]:
+def _vocab_split(V: int, block_v: int | None, num_chunks: int | None, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_V, chunk_size, num_chunks). Under the interpreter one chunk per row (programs are the cost)."""
     block_v = block_v or min(MAX_BLOCK_V, max(16, _next_pow2(V)))
     tiles = triton.cdiv(V, block_v)
     if num_chunks is None:
-        num_chunks = 1 if triton.knobs.runtime.interpret else triton.cdiv(tiles, TARGET_CHUNK_TILES)
+        num_chunks = 1 if interpret else triton.cdiv(tiles, TARGET_CHUNK_TILES)
     num_chunks = max(1, min(num_chunks, tiles))
     chunk_size = triton.cdiv(tiles, num_chunks) * block_v
     return block_v, chunk_size, triton.cdiv(V, chunk_size)
@@ -312,7 +315,8 @@ def verify_greedy(
     emitted = torch.empty((B,), dtype=torch.int64, device=dev)
     if B == 0:
         return out, emitted
-    block_v, chunk_size, chunks = _vocab_split(V, block_v, num_chunks)
+    interpret = check_launch(_greedy_argmax_kernel, dev)
+    block_v, chunk_size, chunks = _vocab_split(V, block_v, num_chunks, interpret)
     part_val = torch.empty((B * K1, chunks), dtype=torch.float32, device=dev)
     part_idx = torch.empty((B * K1, chunks), dtype=torch.int64, device=dev)
     _greedy_argmax_kernel[(B * K1, chunks)](
@@ -327,6 +331,7 @@ def verify_greedy(
         target_logits.stride(1),
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 4096 else 4,
+        enable_fp_fusion=FP_FUSION,
     )
     _greedy_finish_kernel[(B,)](
         out,
@@ -341,6 +346,7 @@ def verify_greedy(
         CHUNKS_PAD=_next_pow2(chunks),
         K1_PAD=_next_pow2(K1),
         num_warps=1,
+        enable_fp_fusion=FP_FUSION,
     )
     return out, emitted
 
@@ -384,7 +390,8 @@ def verify(
     emitted = torch.empty((B,), dtype=torch.int64, device=dev)
     if B == 0:
         return out, emitted
-    block_v, chunk_size, chunks = _vocab_split(V, block_v, num_chunks)
+    interpret = check_launch(_race_kernel, dev)
+    block_v, chunk_size, chunks = _vocab_split(V, block_v, num_chunks, interpret)
     part_val = torch.empty((B, chunks, 2), dtype=torch.float32, device=dev)
     part_idx = torch.empty((B, chunks, 2), dtype=torch.int64, device=dev)
     part_any = torch.empty((B, chunks), dtype=torch.int32, device=dev)
@@ -415,6 +422,7 @@ def verify(
         HAS_Q=has_q,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 4096 else 4,
+        enable_fp_fusion=FP_FUSION,
     )
     _race_finish_kernel[(B,)](
         out,
@@ -431,5 +439,6 @@ def verify(
         CHUNKS_PAD=_next_pow2(chunks),
         K1_PAD=_next_pow2(K1),
         num_warps=1,
+        enable_fp_fusion=FP_FUSION,
     )
     return out, emitted

@@ -1,15 +1,21 @@
-"""Shared test setup: one CPU thread per test process, tiny HF checkpoints saved once per session."""
+"""Shared test setup: the Triton interpreter on machines without a GPU, one CPU thread per test process, tiny HF
+checkpoints saved once per session."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, and transformers imports triton (via torch._dynamo)
-# early: minimtp.kernels sets it (interpreter without CUDA) and imports no triton itself, so import it first.
-import minimtp.kernels  # noqa: E402, F401
-import pytest
-import torch
+# The one place the tests choose how Triton kernels run (minimtp itself never sets it; docs/concepts/kernels.md).
+# @triton.jit decides interpreted vs compiled when it decorates, and torch / transformers may import triton early,
+# so this comes before any other import. Interpreter unless the machine has an NVIDIA device node — decided
+# without importing torch. An explicit TRITON_INTERPRET=0 / =1 in the environment wins. Subprocesses inherit it;
+# the compile check (tests/test_kernel_compile.py) strips it.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import patch_transformers, saved_pair  # noqa: E402

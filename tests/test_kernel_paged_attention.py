@@ -1,7 +1,8 @@
 """The Triton paged-attention kernel equals the PyTorch reference (minimtp/attention.py).
 
-On a machine without a GPU the kernel runs under Triton's interpreter (``minimtp.kernels`` sets
-``TRITON_INTERPRET=1`` before the kernel module is imported). Sizes follow the interpreter's cost model
+On a machine without a GPU the kernel runs under Triton's interpreter on CPU tensors (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1`` before anything imports triton); with the interpreter off (a CUDA machine) the cases are
+built on the GPU. Sizes follow the interpreter's cost model
 (~4 ms per program + ~5 ms per key-tile iteration): batches of 1-4, sequences of up to a few hundred keys.
 
 Tolerances: fp32 1e-4; fp16 2e-3; bf16 2e-2 — under the interpreter bf16 is upcast to fp32 inside the kernel and
@@ -17,6 +18,7 @@ import math
 import pytest
 import torch
 from minimtp.kernels import paged_attention as pa
+from minimtp.kernels.runtime import is_interpreted
 
 from minimtp.attention import paged_attention as reference
 
@@ -24,11 +26,12 @@ pytestmark = pytest.mark.interp
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE = "cpu" if is_interpreted(pa._paged_attention_kernel) else "cuda"
 GARBAGE = 2**30  # a block id far outside any pool: reading it would crash or corrupt the result
 
 
 def make_case(q_lens, seq_lens, Hq, Hkv, D, block_size, dtype, seed=0):
-    return pa._random_case(q_lens, seq_lens, Hq, Hkv, D, block_size, dtype, "cpu", seed=seed)
+    return pa._random_case(q_lens, seq_lens, Hq, Hkv, D, block_size, dtype, DEVICE, seed=seed)
 
 
 def free_blocks_below_window(block_tables, seq_lens, cu_q_lens, block_size, window):
@@ -117,7 +120,7 @@ def test_seq_len_equals_q_len(q_len):
 
 def test_sequence_without_queries():
     q, k, v, bt, sl, cu = make_case([2, 1, 3], [10, 20, 30], 4, 2, 32, 16, torch.float32)
-    cu = torch.tensor([0, 2, 2, 3], dtype=torch.int32)  # sequence 1 has no queries this step
+    cu = torch.tensor([0, 2, 2, 3], dtype=torch.int32, device=DEVICE)  # sequence 1 has no queries this step
     q = q[:3]
     for splits in (1, 2):
         got = pa.paged_attention(q, k, v, bt, sl, cu, num_splits=splits)
@@ -192,7 +195,7 @@ def test_strided_q_and_cache_views():
 def test_scale_and_empty():
     check([2, 1], [9, 30], D=32, scale=1.0)  # Gemma 4 uses scale 1 (q and k are RMS-normalised)
     q, k, v, bt, sl, cu = make_case([1], [5], 4, 2, 32, 16, torch.float32)
-    out = pa.paged_attention(q[:0], k, v, bt, sl, torch.zeros(2, dtype=torch.int32))
+    out = pa.paged_attention(q[:0], k, v, bt, sl, torch.zeros(2, dtype=torch.int32, device=DEVICE))
     assert out.shape == (0, 4, 32)
 
 

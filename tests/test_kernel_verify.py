@@ -4,7 +4,8 @@ The randomness (uniforms and the exponential noise row) is passed in, so equalit
 greedy (argmax drafts accepted while they equal the target argmax), "sample" (drafts from q, residual
 (p - q)^+) and "argmax" (one-hot q, residual p with the draft zeroed). Vocabulary sizes that are not a multiple
 of the tile, several vocabulary chunks, Gemma's V = 262144, num_drafts 0 and mixed, out-of-range draft ids.
-Runs under the Triton interpreter on CPU.
+Runs under the Triton interpreter on CPU (conftest.py opts in); with the interpreter off (a CUDA machine) the
+kernels get CUDA copies of the inputs and the results come back to the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from minimtp.kernels import verify as kv
+from minimtp.kernels.runtime import is_interpreted
 from test_speculative import verify_cases
 
 from minimtp import speculative as ref
@@ -24,6 +26,22 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),
 ]
+
+
+DEVICE = "cpu" if is_interpreted(kv._race_kernel) else "cuda"
+
+
+def _on(device, xs):
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
+
+
+def kernel_verify(*args, **kw):
+    """``kv.verify`` on the kernels' device (CPU under the interpreter), results on the CPU."""
+    return _on("cpu", kv.verify(*_on(DEVICE, args), **kw))
+
+
+def kernel_verify_greedy(*args, **kw):
+    return _on("cpu", kv.verify_greedy(*_on(DEVICE, args), **kw))
 
 
 def assert_same(got, want):
@@ -58,7 +76,7 @@ def make_case(B, K, V, mode, seed, num_drafts=None, sharp=3.0):
 def test_verify_matches_reference_property(case):
     """The property-test cases of test_speculative.py: extreme / equal / one-hot / -inf distributions, u exactly
     on the acceptance threshold, out-of-range draft ids, K = 0."""
-    assert_same(kv.verify(*case), ref.verify(*case))
+    assert_same(kernel_verify(*case), ref.verify(*case))
 
 
 @pytest.mark.parametrize("mode", ["sample", "argmax"])
@@ -76,7 +94,7 @@ def test_verify_matches_reference_property(case):
 def test_verify_matches_reference(mode, B, K, V, block_v, num_chunks):
     for seed in range(3):
         case = make_case(B, K, V, mode, seed)
-        assert_same(kv.verify(*case, block_v=block_v, num_chunks=num_chunks), ref.verify(*case))
+        assert_same(kernel_verify(*case, block_v=block_v, num_chunks=num_chunks), ref.verify(*case))
 
 
 @pytest.mark.parametrize("mode", ["sample", "argmax"])
@@ -85,8 +103,8 @@ def test_verify_all_accepted_and_all_rejected(mode):
     nd = torch.tensor([4, 2, 0])
     zeros, ones = torch.zeros_like(u), torch.full_like(u, 1 - 2**-53)
     for uu in (zeros, ones):  # u = 0 accepts every draft with p(x) > 0; u ~ 1 rejects (almost) all
-        assert_same(kv.verify(p, d, q, nd, uu, e, block_v=64), ref.verify(p, d, q, nd, uu, e))
-    assert int(kv.verify(p, d, q, nd, ones, e)[1][2]) == 1
+        assert_same(kernel_verify(p, d, q, nd, uu, e, block_v=64), ref.verify(p, d, q, nd, uu, e))
+    assert int(kernel_verify(p, d, q, nd, ones, e)[1][2]) == 1
 
 
 def test_verify_empty_residual_and_zero_probabilities():
@@ -100,7 +118,7 @@ def test_verify_empty_residual_and_zero_probabilities():
     u = torch.tensor([[0.9999], [0.2]], dtype=torch.float64)
     e = draw_exponentials(make_generators(0, 2), V)
     for block_v in (16, 64):
-        got = kv.verify(p, d, q, torch.tensor([1, 1]), u, e, block_v=block_v)
+        got = kernel_verify(p, d, q, torch.tensor([1, 1]), u, e, block_v=block_v)
         assert_same(got, ref.verify(p, d, q, torch.tensor([1, 1]), u, e))
         assert set(got[0][got[0] >= 0].tolist()) <= {3, 40}
 
@@ -109,7 +127,7 @@ def test_verify_out_of_range_drafts_rejected():
     p, d, q, nd, u, e = make_case(3, 3, 64, "argmax", 3, num_drafts=[3, 3, 3])
     d[0, 0], d[1, 1], d[2, 2] = -1, 64, 10**6
     u.zero_()
-    got = kv.verify(p, d, None, nd, u, e, block_v=16)
+    got = kernel_verify(p, d, None, nd, u, e, block_v=16)
     assert_same(got, ref.verify(p, d, None, nd, u, e))
     assert got[1].tolist() == [1, 2, 3] and bool((got[0] < 64).all())
 
@@ -126,7 +144,7 @@ def test_verify_greedy_matches_reference(dtype, B, K, V, block_v, num_chunks):
         top = logits[:, :K].float().argmax(-1)
         drafts = torch.where(torch.rand(B, K, generator=g) < 0.7, top, torch.randint(0, V, (B, K), generator=g))
         nd = torch.randint(0, K + 1, (B,), generator=g)
-        got = kv.verify_greedy(logits, drafts, nd, block_v=block_v, num_chunks=num_chunks)
+        got = kernel_verify_greedy(logits, drafts, nd, block_v=block_v, num_chunks=num_chunks)
         assert_same(got, ref.verify_greedy(logits, drafts, nd))
 
 
@@ -139,7 +157,7 @@ def test_verify_greedy_ties_take_lowest_id_across_tiles_and_chunks():
     for drafts in ([[70, 200]], [[150, 200]], [[70, 201]]):
         d = torch.tensor(drafts)
         for chunks in (1, 2, 5):
-            got = kv.verify_greedy(logits, d, torch.tensor([2]), block_v=64, num_chunks=chunks)
+            got = kernel_verify_greedy(logits, d, torch.tensor([2]), block_v=64, num_chunks=chunks)
             assert_same(got, ref.verify_greedy(logits, d, torch.tensor([2])))
 
 
@@ -149,29 +167,32 @@ def test_verify_greedy_ties_take_lowest_id_across_tiles_and_chunks():
 def test_gemma_vocabulary_size():
     V = 262144
     case = make_case(2, 3, V, "sample", 11, num_drafts=[3, 1], sharp=8.0)
-    assert_same(kv.verify(*case), ref.verify(*case))
+    assert_same(kernel_verify(*case), ref.verify(*case))
     p, d, _, nd, u, e = make_case(2, 3, V, "argmax", 12, num_drafts=[3, 2], sharp=8.0)
-    assert_same(kv.verify(p, d, None, nd, u, e), ref.verify(p, d, None, nd, u, e))
+    assert_same(kernel_verify(p, d, None, nd, u, e), ref.verify(p, d, None, nd, u, e))
     logits = torch.log(p).to(torch.bfloat16)
-    assert_same(kv.verify_greedy(logits, d, nd), ref.verify_greedy(logits, d, nd))
+    assert_same(kernel_verify_greedy(logits, d, nd), ref.verify_greedy(logits, d, nd))
 
 
 # ---- wrappers -------------------------------------------------------------------------------------------------
 
 
 def test_vocab_split():
-    assert kv._vocab_split(262144, None, None)[0] == 8192
-    block_v, chunk, n = kv._vocab_split(1000, 256, 3)
-    assert (block_v, chunk, n) == (256, 512, 2)  # 4 tiles in chunks of 2 tiles
-    assert kv._vocab_split(37, None, None) == (64, 64, 1)
+    for interpret in (True, False):
+        assert kv._vocab_split(262144, None, None, interpret)[0] == 8192
+        block_v, chunk, n = kv._vocab_split(1000, 256, 3, interpret)
+        assert (block_v, chunk, n) == (256, 512, 2)  # 4 tiles in chunks of 2 tiles
+        assert kv._vocab_split(37, None, None, interpret) == (64, 64, 1)
+    assert kv._vocab_split(262144, None, None, True)[2] == 1  # interpreter: one chunk per row
+    assert kv._vocab_split(262144, None, None, False)[2] == 8  # GPU: 8 chunks of 4 tiles
 
 
 def test_rejects_bad_dtypes():
     p, d, q, nd, u, e = make_case(2, 2, 40, "sample", 0)
     with pytest.raises(ValueError, match="dtypes"):
-        kv.verify(p, d, q, nd, u.float(), e)
+        kernel_verify(p, d, q, nd, u.float(), e)
     with pytest.raises(ValueError, match="draft_probs"):
-        kv.verify(p, d, q.double(), nd, u, e)
+        kernel_verify(p, d, q.double(), nd, u, e)
 
 
 def test_engine_backend_switch():

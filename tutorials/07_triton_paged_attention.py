@@ -6,17 +6,27 @@
 # the block pool**, one tile of positions at a time, and combines the tiles with an **online softmax**.
 #
 # Triton programs are Python functions decorated with `@triton.jit`, launched on a grid of program instances.
-# With `TRITON_INTERPRET=1` (which `import minimtp.kernels` sets when there is no GPU) they run in NumPy on the
-# CPU: slow (milliseconds per program), but the same code, so we can develop and test kernels anywhere. Rules for
-# the interpreter: compute in fp32, no `libdevice`, no block pointers, and masks on every load (there is no bounds
-# checking: an unmasked out-of-range load silently reads neighbouring memory).
+# With `TRITON_INTERPRET=1` they run in NumPy on the CPU: slow (milliseconds per program), but the same code, so
+# we can develop and test kernels anywhere. Rules for the interpreter: compute in fp32, no `libdevice`, no block
+# pointers, and masks on every load (there is no bounds checking: an unmasked out-of-range load silently reads
+# neighbouring memory).
+#
+# The interpreter is an explicit opt-in, and it must come first: `@triton.jit` decides interpreted or compiled
+# *when it decorates a function* — Triton's own `tl.max`, `tl.sum`, ... when `triton` is imported, which torch
+# may do early — so the variable has to be set before anything imports torch, triton or minimtp. This tutorial
+# runs its kernels on CPU tensors, so it sets it in its first cell; from a shell the same is
+# `TRITON_INTERPRET=1 python script.py`. minimtp never sets it for you: without it the library kernels raise a
+# `CompatibilityError` on CPU tensors.
+
+# %%
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before torch / triton / minimtp are imported: kernels run on the CPU
 
 # %%
 import math
-import os
 import sys
 
-import minimtp.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 on a machine without a GPU, before triton.jit runs)
 import torch
 import triton
 import triton.language as tl

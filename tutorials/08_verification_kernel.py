@@ -12,13 +12,21 @@
 # $\text{resid}_i / E_i$ (an argmax, unlike a sum, is the same whatever order the vocabulary tiles are visited
 # in, once ties go to the lowest id). So the kernel must return *exactly* the same token ids, not just
 # statistically the same ones.
+#
+# The kernels run here on CPU tensors, under Triton's interpreter. That is an explicit opt-in, set in the first
+# cell before torch, triton or minimtp are imported: `@triton.jit` decides interpreted or compiled when it
+# decorates a function, and torch may import triton early (tutorial 07 has the details; from a shell it is
+# `TRITON_INTERPRET=1 python ...`).
 
 # %%
 import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before torch / triton / minimtp are imported: kernels run on the CPU
+
+# %%
 import sys
 import warnings
 
-import minimtp.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 on a machine without a GPU)
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else "tutorials")

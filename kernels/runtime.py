@@ -1,0 +1,54 @@
+"""Compiled on a CUDA device, or interpreted on the CPU: which one a kernel runs as, and a one-line error when
+it can run as neither.
+
+Triton decides per kernel, at the moment ``@triton.jit`` decorates it: with ``TRITON_INTERPRET=1`` in the
+environment then, the kernel becomes an ``InterpretedFunction`` (NumPy on CPU tensors), otherwise a
+``JITFunction`` (compiled for the GPU at its first launch). minimtp never sets the variable itself; see the
+package docstring (``minimtp.kernels``) for the opt-in. The wrappers call :func:`check_launch` before launching,
+so a wrong setup fails with :class:`minimtp.errors.CompatibilityError` instead of an error from deep inside
+Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from minimtp.errors import CompatibilityError
+
+NEEDS_CUDA = (
+    "Triton kernels need a CUDA device; on CPU set TRITON_INTERPRET=1 before starting Python (docs: concepts/kernels)"
+)
+SET_TOO_LATE = (
+    "TRITON_INTERPRET=1 was set after triton was imported, so Triton's own tl.* functions are not interpreted; "
+    "set it before starting Python (docs: concepts/kernels)"
+)
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a ``@triton.jit`` object) runs under Triton's interpreter."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_launch(kernel, device: torch.device) -> bool:
+    """``True`` if ``kernel`` will run under the interpreter, ``False`` if compiled; raises
+    :class:`~minimtp.errors.CompatibilityError` if it cannot run on tensors of ``device``.
+
+    * Interpreted: any device (the interpreter copies CUDA tensors to the host and back), provided Triton's
+      standard library is interpreted too. ``tl.max``, ``tl.sum``, ``tl.cdiv``, ... are ``@triton.jit``
+      functions decorated when ``triton`` is imported; if ``TRITON_INTERPRET=1`` was set after that, they stay
+      compiled-mode and the first call inside an interpreted kernel fails ("Cannot call @triton.jit'd outside
+      of the scope of a kernel").
+    * Compiled: CUDA tensors only.
+    * Anything else — the launch recorder of ``tests/kernel_compile_check.py`` — counts as compiled and needs no
+      device.
+    """
+    if isinstance(kernel, InterpretedFunction):
+        if isinstance(tl.standard.max, JITFunction):
+            raise CompatibilityError(SET_TOO_LATE)
+        return True
+    if isinstance(kernel, JITFunction) and device.type != "cuda":
+        raise CompatibilityError(NEEDS_CUDA)
+    return False

@@ -4,14 +4,10 @@ A layer never knows where its keys live. It hands its new K/V to a *context* (``
 attend (``attend``); the context decides whether keys come from this forward pass (dense, no cache) or from the
 paged KV cache, and whether the queries are the target's or the assistant's (docs: concepts/paged-kv-cache).
 
-=====================  ========================================  =============================================
-context                queries                                   keys
-=====================  ========================================  =============================================
-:class:`DenseContext`  B sequences of S tokens (``model(ids)``)   the same tokens, causal [+ window]
-:class:`DraftDenseContext`  assistant queries at positions p        dense target K/V at positions < p
-:class:`PagedContext`  the engine's new tokens (prefill, verify)  the paged cache, via an attention backend
-:class:`DraftPagedContext`  one assistant query per sequence at p    the paged target K/V at positions < p
-=====================  ========================================  =============================================
+* :class:`DenseContext`: B sequences of S tokens (``model(ids)``), keys from the same tokens, causal [+ window];
+* :class:`DraftDenseContext`: assistant queries at positions p over dense target K/V at positions < p;
+* :class:`PagedContext`: the engine's new tokens (prefill, verify) over the paged cache, via an attention backend;
+* :class:`DraftPagedContext`: one assistant query per sequence at p over the paged target K/V at positions < p.
 
 The paged reference, :func:`paged_attention`, has one signature shared with its Triton twin
 (``minimtp.kernels.paged_attention``):

@@ -68,9 +68,9 @@ class Stats:
             self.draft_rounds += 1
             self.drafted += k
             self.accepted += n
-            while len(self.drafted_per_position) < k:
-                self.drafted_per_position.append(0)
-                self.accepted_per_position.append(0)
+            grow = [0] * (k - len(self.drafted_per_position))
+            self.drafted_per_position += grow
+            self.accepted_per_position += grow
             for j in range(k):
                 self.drafted_per_position[j] += 1
                 self.accepted_per_position[j] += int(j < n)

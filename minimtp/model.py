@@ -302,23 +302,15 @@ class Gemma4(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: ``[B, S]`` ids → ``[B, S, V]`` logits."""
-        B, S = input_ids.shape
-        ctx = DenseContext(self.config, B, S)
-        pos = torch.arange(S, device=input_ids.device).repeat(B)
-        out = self.run(input_ids.reshape(-1), pos, ctx, logit_rows="all")
-        return out.logits.view(B, S, -1)
+        return self.forward_with_kv(input_ids)[0]
 
     def forward_with_kv(self, input_ids: torch.Tensor):
         """Dense forward returning (logits ``[B,S,V]``, post-norm hidden ``[B,S,H]``, the store layers' K/V per
         layer type ``{type: (K, V)}`` each ``[B, S, kvh, d]``) – what the assistant consumes."""
-        B, S = input_ids.shape
-        ctx = DenseContext(self.config, B, S)
-        pos = torch.arange(S, device=input_ids.device).repeat(B)
-        out = self.run(input_ids.reshape(-1), pos, ctx, logit_rows="all")
-        kv = {}
-        for t in set(self.config.layer_types):
-            k, v = ctx.kv[self.config.store_layer(t)]
-            kv[t] = (k.view(B, S, *k.shape[1:]), v.view(B, S, *v.shape[1:]))
+        (B, S), cfg = input_ids.shape, self.config
+        ctx = DenseContext(cfg, B, S)
+        out = self.run(input_ids.reshape(-1), torch.arange(S, device=input_ids.device).repeat(B), ctx, "all")
+        kv = {t: tuple(x.view(B, S, *x.shape[1:]) for x in ctx.kv[cfg.store_layer(t)]) for t in set(cfg.layer_types)}
         return out.logits.view(B, S, -1), out.hidden.view(B, S, -1), kv
 
 

@@ -36,9 +36,8 @@ ASSIGNMENTS = sorted(grader.TESTS)
 FIXTURES = sorted((ADIR / "fixtures").glob("*__*.py"))
 
 
-# Triton kernels are graded in a fresh process: in this one, torch may already have imported triton (torch 2.13's
-# native ops do, e.g. via transformers in conftest) before minimtp.kernels set TRITON_INTERPRET=1, and then
-# triton.language's library functions (tl.sum, tl.max, ...) are compiled-mode JIT functions the interpreter cannot call.
+# Triton kernels are graded in a fresh process, as a student runs the grader: its environment decides interpreted or
+# compiled before triton is imported (docs: concepts/kernels, "Running the kernels on CPU").
 IN_SUBPROCESS = {"paged_attention_kernel"}
 
 

@@ -388,7 +388,6 @@ def test_batch_target_steps_counts_forwards(models):
 
 TRITON_SCRIPT = """
 import dataclasses, json, sys
-import minimtp.kernels  # sets TRITON_INTERPRET=1 without a GPU, before triton.jit runs
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])

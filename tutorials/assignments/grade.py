@@ -31,6 +31,11 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tutorials/, for _tiny
 
+# Without a GPU the kernel assignment runs under Triton's interpreter, which must be chosen before triton is imported
+# (docs: concepts/kernels, "Running the kernels on CPU"): the grader opts in here unless the caller decided.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch  # noqa: E402
 
 from minimtp.sampling import (  # noqa: E402

@@ -14,7 +14,6 @@ tutorials/assignments/paged_attention_kernel/student.py``
 
 from __future__ import annotations
 
-import minimtp.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU, before triton.jit runs)
 import torch
 import triton
 import triton.language as tl

@@ -14,7 +14,8 @@ import torch
 from hf_models import TARGET_KW, build_assistant, build_target
 
 import minimtp
-from minimtp.assistant import CentroidHead, DraftDenseContext, check_pair
+from minimtp.assistant import CentroidHead, check_pair
+from minimtp.attention import DraftDenseContext
 from minimtp.config import FULL, SLIDING, load_assistant_config
 
 FAMILIES = ["e2b", "moe", "dense"]

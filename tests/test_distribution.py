@@ -352,7 +352,7 @@ def _triton_verify_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.interp
-@pytest.mark.skipif(not _triton_verify_available(), reason="minimtp/kernels/verify.py not present")
+@pytest.mark.skipif(not _triton_verify_available(), reason="kernels/verify.py (minimtp.kernels.verify) not importable")
 def test_triton_verifier_matches_exact():
     """The same χ² harness with ``verify_backend="triton"`` (Triton interpreter on CPU, in a subprocess so
     TRITON_INTERPRET=1 is set before triton is imported)."""

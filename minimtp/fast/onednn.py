@@ -2,7 +2,7 @@
 
 Decoding multiplies one row (plain decoding) or k+1 rows (verification) by every weight matrix, so a step costs about
 (bytes of weights) / (the speed at which the matmul kernel streams them). oneDNN, with each weight reordered once
-into its blocked layout, streams them several times faster than torch's default CPU kernel for a bfloat16 matmul
+into its blocked layout, streams them faster than torch's default CPU kernel for a bfloat16 matmul
 with a few rows, and returns **bit-identical** results (tests/test_fast.py; measured: docs/benchmarks.md). This is
 what ``torch.compile`` does when it freezes a bfloat16 model on CPU (weight prepacking); here it is done eagerly.
 

@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from minimtp.assistant import DraftDenseContext, Gemma4Assistant, read_assistant
+from minimtp.assistant import Gemma4Assistant, read_assistant
+from minimtp.attention import DraftDenseContext
 from minimtp.model import Gemma4, load_target
 from minimtp.train.checkpoints import export_assistant, load_checkpoint
 from minimtp.train.configs import assistant_config_dict, count_params, init_weights, parse_assistant_dict

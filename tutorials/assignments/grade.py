@@ -662,7 +662,7 @@ def _fresh_drafter(seed=3):
 
 
 def _ref_loss(target, drafter, x, k):
-    from minimtp.assistant import DraftDenseContext
+    from minimtp.attention import DraftDenseContext
 
     B, S = x.shape
     with torch.no_grad():
@@ -686,7 +686,7 @@ def _ref_loss(target, drafter, x, k):
 def _alphas(target, drafter, x) -> tuple[float, float]:
     """Exact acceptance of sampled drafts at temperature 1, E[sum_x min(p, q)], for draft steps 1 and 2
     (teacher-forced: step 2 reads the true next token and step 1's hidden state), over all valid positions."""
-    from minimtp.assistant import DraftDenseContext
+    from minimtp.attention import DraftDenseContext
 
     B, S = x.shape
     logits, t_hidden, kv = target.forward_with_kv(x)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minimtp.assistant import DraftDenseContext  # noqa: F401  (you will need it)
+from minimtp.attention import DraftDenseContext  # noqa: F401  (you will need it)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from minimtp.assistant import DraftDenseContext
+from minimtp.attention import DraftDenseContext
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 #
 # `minimtp.attention.paged_attention` is the PyTorch reference: for each sequence it gathers the visible blocks
 # into a contiguous tensor and calls SDPA. A GPU kernel cannot afford the gather: it reads K and V **directly from
-# the block pool**, one tile of positions at a time, and combines the tiles with an **online softmax**.
+# the block pool**, one block (or tile) of positions at a time, and combines them with an **online softmax**.
 #
 # Triton programs are Python functions decorated with `@triton.jit`, launched on a grid of program instances.
 # With `TRITON_INTERPRET=1` they run in NumPy on the CPU: slow (milliseconds per program), but the same code, so
@@ -53,62 +53,85 @@ print("Triton", triton.__version__, "| interpreter:", bool(triton.knobs.runtime.
 #   a' = a\, e^{m-m'} + \sum_j e^{s_j-m'} v_j ,$$
 #
 # and at the end $o = a / \ell$. Subtracting the running max keeps every exponent $\le 0$ (no overflow), and the
-# rescaling factor $e^{m-m'}$ corrects what was accumulated under the old max.
+# rescaling factor $e^{m-m'}$ corrects what was accumulated under the old max. First in plain PyTorch, on one
+# query, to see that the recurrence is exact:
+
+# %%
+g = torch.Generator().manual_seed(0)
+qv, K, V = torch.randn(16, generator=g), torch.randn(37, 16, generator=g), torch.randn(37, 16, generator=g)
+m, ell, a = torch.tensor(float("-inf")), torch.tensor(0.0), torch.zeros(16)
+for t0 in range(0, 37, 8):  # tiles of 8 keys; the last one is partial
+    s = K[t0 : t0 + 8] @ qv * 0.25
+    m_next = torch.maximum(m, s.max())
+    a = a * torch.exp(m - m_next) + torch.exp(s - m_next) @ V[t0 : t0 + 8]
+    ell = ell * torch.exp(m - m_next) + torch.exp(s - m_next).sum()
+    m = m_next
+dense = torch.softmax(K @ qv * 0.25, 0) @ V
+print(f"online softmax in 5 tiles vs softmax: max abs error {float((a / ell - dense).abs().max()):.1e}")
+assert torch.allclose(a / ell, dense, atol=1e-6)
+
+# %% [markdown]
+# ## A decode kernel, one block at a time
 #
-# ## A decode kernel
+# The paged cache stores each sequence's keys in blocks of `BLOCK_SIZE` positions; logical block $i$ of sequence
+# $b$ (positions $i \cdot$ `BLOCK_SIZE` ... ) lives in the pool at `block_tables[b, i]`. The simplest kernel walks
+# the block table: one program per (sequence, head), and each loop iteration reads **one block** — one table
+# lookup, then `BLOCK_SIZE` rows of K and V at consecutive slots — and folds it into the online softmax.
 #
-# One program per (sequence, query head), one query per sequence at position `seq_len - 1` (decode: it sees
-# every key). With grouped-query attention, query head $h$ reads KV head $h / G$, $G = H_q / H_{kv}$.
+# This is the **decode** case in its simplest form: one query per sequence, at the last position, so it sees every
+# key (only the tail of the last block is masked off), and as many KV heads as query heads (`kv_cache` head `h`
+# for query head `h`). Everything is loaded as fp32; head dim and block size are powers of two, as `tl.arange`
+# requires.
 
 
 # %%
 @triton.jit
-def decode_attention_kernel(
+def decode_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, scale,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
-    GROUP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    HEAD_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)  # sequence (= its single query row)
-    h = tl.program_id(1)  # query head
-    kv_head = h // GROUP
-    seq_len = tl.load(seq_lens_ptr + b)
-    d = tl.arange(0, HEAD_D)
-    q = tl.load(q_ptr + b * stride_qt + h * stride_qh + d).to(tl.float32)  # [D]
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    n_keys = tl.load(seq_lens_ptr + seq)
+    dims = tl.arange(0, HEAD_D)
+    slots = tl.arange(0, BLOCK_SIZE)
+    query = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims).to(tl.float32)
 
-    m = tl.full([], float("-inf"), tl.float32)
-    l = tl.full([], 0.0, tl.float32)
+    run_max = tl.full([], float("-inf"), tl.float32)
+    denom = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([HEAD_D], tl.float32)
-    for start in range(0, seq_len, TILE_N):
-        pos = start + tl.arange(0, TILE_N)  # key positions of this tile
-        ok = pos < seq_len
-        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=ok, other=0)
-        slot = tl.cast(block, tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # [N, D]
-        v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.where(ok, tl.sum(k * q[None, :], 1) * scale, float("-inf"))  # [N]
-        m_new = tl.maximum(m, tl.max(s, 0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        l = l * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        m = m_new
-    tl.store(out_ptr + b * stride_qt + h * stride_qh + d, acc / l)
+    for i in range(0, tl.cdiv(n_keys, BLOCK_SIZE)):  # logical block i of this sequence
+        phys = tl.load(block_tables_ptr + seq * stride_bt + i).to(tl.int64)  # ... sits in the pool at `phys`
+        live = i * BLOCK_SIZE + slots < n_keys  # the last block may be partly filled
+        rows = phys * stride_kb + slots[:, None] * stride_ks + head * stride_kh + dims[None, :]
+        keys = tl.load(k_ptr + rows, mask=live[:, None], other=0.0).to(tl.float32)  # [BLOCK_SIZE, HEAD_D]
+        vals = tl.load(v_ptr + rows, mask=live[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(live, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(scores, axis=0))
+        weights = tl.exp(scores - new_max)
+        rescale = tl.exp(run_max - new_max)
+        denom = denom * rescale + tl.sum(weights, axis=0)
+        acc = acc * rescale + tl.sum(weights[:, None] * vals, axis=0)
+        run_max = new_max
+    tl.store(out_ptr + seq * stride_qb + head * stride_qh + dims, acc / denom)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=1.0, tile_n=16):
-    B, Hq, D = q.shape  # one query per sequence
-    Hkv = k_cache.shape[2]
+def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=1.0):
+    """q [B, H, D]: one query per sequence, at position seq_lens[b] - 1; k_cache, v_cache [blocks, BLOCK, H, D]."""
+    B, H, D = q.shape
+    assert k_cache.shape[2] == H, "this tutorial kernel has one KV head per query head"
     out = torch.empty_like(q)
-    decode_attention_kernel[(B, Hq)](
+    decode_kernel[(B, H)](
         out, q, k_cache, v_cache, block_tables, seq_lens, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=Hq // Hkv, HEAD_D=D, BLOCK_SIZE=k_cache.shape[1], TILE_N=tile_n,
+        HEAD_D=D, BLOCK_SIZE=k_cache.shape[1],
     )  # fmt: skip
     return out
 
 
-# 3 sequences of 9, 40 and 23 keys; 8 query heads over 2 KV heads; head dim 16; block size 8, shuffled tables.
-q, kc, vc, bt, sl, cu = _random_case([1, 1, 1], [9, 40, 23], Hq=8, Hkv=2, D=16, block_size=8, dtype=torch.float32,
+# 3 sequences of 9, 40 and 23 keys; 4 heads of dim 16; blocks of 8 positions, tables shuffled over the pool.
+q, kc, vc, bt, sl, cu = _random_case([1, 1, 1], [9, 40, 23], Hq=4, Hkv=4, D=16, block_size=8, dtype=torch.float32,
                                      device="cpu")  # fmt: skip
 print("block tables:\n", bt)
 mine = decode_attention(q, kc, vc, bt, sl, scale=0.25)
@@ -118,9 +141,34 @@ print(f"decode kernel vs PyTorch reference: max abs error {err:.1e}")
 assert err < 1e-5
 
 # %% [markdown]
+# ## What decode does not cover
+#
+# A verify step scores $k+1$ queries of one sequence at once: the last accepted token and the $k$ drafts, at
+# positions $L-k-1, \dots, L-1$ of a sequence with $L$ keys. Each query must see the keys up to **its own**
+# position, not the drafts after it. Run the decode kernel on each of the 3 query rows of a verify step as if it
+# were the last one, and compare with the reference:
+
+# %%
+q3, kc3, vc3, bt3, sl3, cu3 = _random_case([3, 3], [12, 30], 4, 4, 16, 8, torch.float32, "cpu", seed=2)
+want3 = reference(q3, kc3, vc3, bt3, sl3, cu3, window=0, scale=0.25)
+for r in range(3):
+    rows = cu3[:-1] + r  # row r of each sequence's verify block
+    got = decode_attention(q3[rows.long()].contiguous(), kc3, vc3, bt3, sl3, scale=0.25)
+    e = float((got - want3[rows.long()]).abs().max())
+    print(f"query row {r} (position L - {3 - r}): max abs error {e:.1e}")
+    assert (e < 1e-5) == (r == 2)  # only the last row, which may see every key, is right
+
+# %% [markdown]
+# Only the last row agrees: the others attended to drafts that come after them. The engine needs more than
+# decode, and **the `paged_attention_kernel` assignment asks you to extend this kernel** to the full
+# `minimtp.attention.paged_attention` semantics: several queries per sequence packed with `cu_q_lens` (verify and
+# prefill shapes) with causal masks on absolute positions, sliding windows (whose freed blocks must never be
+# read), grouped-query attention ($H_q$ query heads over $H_{kv}$ KV heads), and head dims that are not a power of
+# two. Its handout and starter file (`tutorials/assignments/paged_attention_kernel/`) give the details.
+#
 # ## The library kernel: verify and prefill shapes, sliding windows
 #
-# `minimtp.kernels.paged_attention` generalises this kernel (read its module docstring):
+# `minimtp.kernels.paged_attention` is the engine's kernel; it is also organised for speed:
 #
 # * several queries per sequence (a verify step has $k+1$, a prefill the whole prompt), packed with `cu_q_lens`;
 #   query $r$ of a sequence sits at position $i = \text{seq\_len} - q_{len} + r$ and sees keys $j \le i$ (and

@@ -1,0 +1,363 @@
+"""The student release (tutorials/assignments/release.py) and the tutorials give no assignment's answer away.
+
+* The release holds the starter files, the handouts, the public grader and its helper modules, and works on its
+  own: copied anywhere, its grader fails an untouched starter file ("not implemented", no crash) and passes a
+  reference solution dropped into it.
+* It holds no solution code: no file of ``solutions/``, ``fixtures/`` or the hidden suite, and none of the
+  solutions' *distinctive lines* (a line of a reference solution that is not in the starter file, comments and
+  docstrings removed, whitespace ignored, trivial lines such as imports or ``return out`` left out) in any file.
+* No tutorial contains an assignment's answer: every function of every tutorial is compared with every function
+  of every reference solution (see ``answer_overlap`` for the measures and their thresholds).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TDIR = ROOT / "tutorials"
+ADIR = TDIR / "assignments"
+RELEASE = ADIR / "release.py"
+ASSIGNMENTS = sorted(p.stem for p in (ADIR / "solutions").glob("*.py"))
+TUTORIALS = sorted(TDIR.glob("[0-9][0-9]_*.py"))
+FAST_TO_GRADE = {"kv_rollback"}  # graded inside the release in the default run; the others under -m slow
+
+
+def _build(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(RELEASE), *flags, str(out)], capture_output=True, text=True, timeout=300, cwd=out.parent
+    )
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("release") / "student"
+    proc = _build(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def _released_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+# ---------------------------------------------------------------------------------------------- what is released
+
+
+def test_release_layout(release):
+    rel = [p.relative_to(release) for p in _released_files(release)]
+    names = {p.as_posix() for p in rel}
+    assert "README.md" in names and "tutorials/assignments/grade.py" in names, sorted(names)
+    for a in ASSIGNMENTS:
+        assert f"tutorials/assignments/{a}/student.py" in names, a
+        if (ROOT / "docs" / "assignments" / f"{a}.md").is_file():
+            assert f"handouts/{a}.md" in names, a
+    for p in rel:
+        assert not {"solutions", "fixtures"} & set(p.parts), f"released {p}"
+        assert not any(part.startswith("hidden") for part in p.parts), f"released the hidden suite: {p}"
+        assert p.name != "release.py", p
+    assert "tutorials/assignments/README.md" not in names  # the developers' README lists the fixtures
+    readme = (release / "README.md").read_text(encoding="utf-8")
+    assert "python tutorials/assignments/grade.py" in readme and "pip install minimtp" in readme
+
+
+def test_released_grader_imports_on_its_own(release):
+    """Every module the grader needs came along: --list imports it (and what it imports at the top)."""
+    proc = subprocess.run(
+        [sys.executable, "tutorials/assignments/grade.py", "--list"],
+        cwd=release,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for a in ASSIGNMENTS:
+        assert a in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "assignment", [a if a in FAST_TO_GRADE else pytest.param(a, marks=pytest.mark.slow) for a in ASSIGNMENTS]
+)
+def test_release_grades_skeleton_and_solution(release, assignment, tmp_path):
+    copy = tmp_path / "copy"  # the release moved somewhere else still works
+    shutil.copytree(release, copy)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    if assignment == "paged_attention_kernel":
+        env["TRITON_INTERPRET"] = "1"
+
+    def grade(path: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "tutorials/assignments/grade.py", assignment, path]
+        return subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=900, env=env)
+
+    skel = grade(f"tutorials/assignments/{assignment}/student.py")
+    out = skel.stdout + skel.stderr
+    assert skel.returncode == 1, out
+    assert "not implemented" in out and "Traceback" not in out, out
+    shutil.copy(ADIR / "solutions" / f"{assignment}.py", copy / "my_answer.py")
+    sol = grade("my_answer.py")
+    assert sol.returncode == 0, sol.stdout + sol.stderr
+
+
+def test_instructor_release_adds_the_hidden_suite(tmp_path):
+    out = tmp_path / "instructor"
+    proc = _build(out, "--instructor")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = {p.relative_to(out).as_posix() for p in _released_files(out)}
+    hidden = {p.relative_to(ROOT).as_posix() for p in ADIR.rglob("hidden*") if p.is_file() and p.suffix != ".pyc"}
+    hidden = {h for h in hidden if "__pycache__" not in h}
+    assert hidden <= names, hidden - names
+    assert not any({"solutions", "fixtures"} & set(Path(n).parts) for n in names)
+    assert "Instructor copy" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_release_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    proc = _build(tmp_path / "out")
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ no solution code released
+
+
+def _docstring_lines(tree: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                lines |= set(range(first.lineno, first.end_lineno + 1))
+    return lines
+
+
+def code_lines(src: str) -> list[str]:
+    """The physical lines of code of a Python source, without comments and docstrings, whitespace removed."""
+    skip = _docstring_lines(ast.parse(src))
+    lines: dict[int, list[str]] = {}
+    ignore = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type in ignore or tok.start[0] in skip:
+            continue
+        lines.setdefault(tok.start[0], []).append("".join(tok.string.split()))
+    return ["".join(parts) for _, parts in sorted(lines.items())]
+
+
+def _trivial(line: str) -> bool:
+    """Lines any code may contain: imports, decorators, short statements (``return out``, ``else:``, ``m = m_new``)."""
+    return len(line) < 20 or line.startswith(("import", "from", "@", "def", "class", "raise", "assert"))
+
+
+def distinctive_lines(assignment: str) -> list[str]:
+    """Lines of the reference solution that are not in its starter file (whitespace-free, see ``code_lines``)."""
+    given = set(code_lines((ADIR / assignment / "student.py").read_text(encoding="utf-8")))
+    sol = code_lines((ADIR / "solutions" / f"{assignment}.py").read_text(encoding="utf-8"))
+    return list(dict.fromkeys(line for line in sol if line not in given and not _trivial(line)))
+
+
+def _grader_file(rel: Path) -> bool:
+    """Released grader code: a file of tutorials/assignments/ that is not an assignment's starter folder."""
+    parts = rel.parts
+    return parts[:2] == ("tutorials", "assignments") and (len(parts) == 3 or parts[2] not in ASSIGNMENTS)
+
+
+# The public grader still computes the distillation loss itself (grade.py's _ref_loss and _alphas): the grader's
+# owner moves that out of the public files (reference values, or the hidden suite). Until then this one known
+# leak is reported as xfail; a leak anywhere else, or of another assignment, fails.
+KNOWN_GRADER_LEAKS = {"distil_drafter"}
+
+
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_release_contains_no_solution_lines(release, assignment):
+    lines = distinctive_lines(assignment)
+    assert len(lines) >= 5, f"too few distinctive lines to test {assignment}: {lines}"
+    leaks: dict[str, list[str]] = {}
+    for f in _released_files(release):
+        try:
+            text = "".join(f.read_text(encoding="utf-8").split())
+        except UnicodeDecodeError:
+            continue
+        hits = [line for line in lines if line in text]
+        if hits:
+            leaks[f.relative_to(release).as_posix()] = hits
+    if leaks and assignment in KNOWN_GRADER_LEAKS and all(_grader_file(Path(f)) for f in leaks):
+        pytest.xfail(f"known: the public grader holds {assignment}'s answer: {leaks}")
+    assert not leaks, f"the release contains lines of the {assignment} solution: {leaks}"
+
+
+def test_distinctive_lines_are_the_answer():
+    """The measure is meaningful: the kv_rollback lines are the three methods' bodies, not the given code."""
+    lines = distinctive_lines("kv_rollback")
+    assert "need=-(-(n+T)//self.block_size)-len(table)" in lines
+    assert "dead=max(0,self.lengths[seq]-keep)//self.block_size" in lines
+    assert not any("self.free.extend" in line or "defgather" in line for line in lines)  # add/release/gather: given
+
+
+# ------------------------------------------------------------------------------------ no answer in the tutorials
+
+
+def _functions(src: str) -> dict[str, ast.FunctionDef]:
+    out: dict[str, ast.FunctionDef] = {}
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.setdefault(node.name, node)
+    return out
+
+
+def _body(fn: ast.FunctionDef) -> list[ast.stmt]:
+    body = list(fn.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return body
+
+
+def body_tokens(fn: ast.FunctionDef) -> list[str]:
+    """The tokens of a function's body, docstring and comments removed, as ``ast.unparse`` formats it."""
+    src = "\n".join(ast.unparse(s) for s in _body(fn))
+    skip = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT, tokenize.ENDMARKER}
+    return [t.string for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type not in skip]
+
+
+class _Rename(ast.NodeTransformer):
+    """Alpha-renaming: arguments and local names become v0, v1, ... in order of first appearance."""
+
+    def __init__(self, names: set[str]):
+        self.names, self.map = names, {}
+
+    def _name(self, n: str) -> str:
+        return self.map.setdefault(n, f"v{len(self.map)}") if n in self.names else n
+
+    def visit_Name(self, node):
+        return ast.copy_location(ast.Name(self._name(node.id), node.ctx), node)
+
+    def visit_arg(self, node):
+        return ast.copy_location(ast.arg(self._name(node.arg), None), node)
+
+
+def normalised_dump(fn: ast.FunctionDef) -> str:
+    """The body's AST with docstring, comments, formatting and the names of arguments and locals abstracted away."""
+    local = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+    local |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    mod = ast.Module(body=[ast.parse(ast.unparse(s)).body[0] for s in _body(fn)], type_ignores=[])
+    return ast.dump(_Rename(local).visit(mod), annotate_fields=False)
+
+
+def _answer_mask(sol: list[str], given: list[str]) -> list[bool]:
+    """True for the tokens of a solution's body that its starter file does not already contain."""
+    mask = [True] * len(sol)
+    for i, _, n in difflib.SequenceMatcher(None, sol, given, autojunk=False).get_matching_blocks():
+        mask[i : i + n] = [False] * n
+    return mask
+
+
+# Thresholds, measured (tokens of ast.unparse'd bodies; runs of MIN_RUN tokens ~ one short statement):
+#                                   coverage of the answer   best body ratio
+#   old tutorial 07 (before #14)        0.73                    0.82       the kernel, ~verbatim
+#   old tutorial 09 (before #14)        0.91                    0.94       distill_loss, verbatim but for `<`
+#   tutorial 07 (decode-only kernel)    0.20                    0.63       online softmax, masked paged loads
+#   tutorial 09 (first-step loss)       0.13                    0.42       the dense context, one drafter step
+#   every other tutorial                <= 0.07                 <= 0.45
+# MAX_COVERAGE = 0.5: a tutorial that spells out, statement by statement, half of what the student must write
+# gives the answer away; MAX_RATIO = 0.75: three quarters of both bodies align token for token. Both sit in the
+# gap between the old tutorials and the neighbouring variants that replace them.
+MIN_RUN, MAX_COVERAGE, MAX_RATIO, MIN_ANSWER_TOKENS = 8, 0.5, 0.75, 10
+
+
+def answer_overlap(tutorial_src: str, assignment: str) -> list[str]:
+    """Why ``tutorial_src`` contains ``assignment``'s answer (empty: it does not). For every solution function with
+    something to write (>= MIN_ANSWER_TOKENS tokens not in the starter file):
+
+    * **AST**: a tutorial function whose normalised body (``normalised_dump``) equals the solution's;
+    * **coverage**: the share of the answer tokens (the solution's body tokens not in the starter's) that the
+      tutorial's functions reproduce in runs of >= MIN_RUN tokens, over all its functions together;
+    * **ratio**: difflib's ratio 2M/T between the solution's body and a tutorial function's body.
+    """
+    sol = _functions((ADIR / "solutions" / f"{assignment}.py").read_text(encoding="utf-8"))
+    given = _functions((ADIR / assignment / "student.py").read_text(encoding="utf-8"))
+    tut = _functions(tutorial_src)
+    tut_tokens = {name: body_tokens(fn) for name, fn in tut.items()}
+    tut_dumps = {normalised_dump(fn): name for name, fn in tut.items()}
+    problems = []
+    for name, fn in sol.items():
+        tokens = body_tokens(fn)
+        mask = _answer_mask(tokens, body_tokens(given[name]) if name in given else [])
+        n_answer = sum(mask)
+        if n_answer < MIN_ANSWER_TOKENS:
+            continue  # given in the starter file (teacher, train, the kernel's wrapper): not an answer
+        dump = normalised_dump(fn)
+        if dump in tut_dumps:
+            problems.append(f"{tut_dumps[dump]}() has the body of solution {name}() (normalised AST)")
+        covered = [False] * len(tokens)
+        for tname, ttoks in tut_tokens.items():
+            sm = difflib.SequenceMatcher(None, tokens, ttoks, autojunk=False)
+            for i, _, n in sm.get_matching_blocks():
+                if n >= MIN_RUN:
+                    covered[i : i + n] = [True] * n
+            if sm.ratio() > MAX_RATIO:
+                problems.append(f"{tname}() matches solution {name}() token for token: ratio {sm.ratio():.2f}")
+        coverage = sum(m and c for m, c in zip(mask, covered)) / n_answer
+        if coverage > MAX_COVERAGE:
+            problems.append(f"the tutorial reproduces {coverage:.0%} of what {name}() asks the student to write")
+    return problems
+
+
+@pytest.mark.parametrize("tutorial", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_no_tutorial_contains_an_answer(tutorial):
+    src = tutorial.read_text(encoding="utf-8")
+    found = {a: answer_overlap(src, a) for a in ASSIGNMENTS}
+    assert not any(found.values()), f"{tutorial.name} gives an assignment's answer away: {found}"
+
+
+def _disguised(src: str) -> str:
+    """A solution rewritten as a careless tutorial would copy it: functions renamed, arguments and locals renamed,
+    comments and docstrings dropped, reformatted."""
+    tree = ast.parse(src)
+    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        local = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+        local |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        local -= {"self"}
+        renamed = _Rename(local).visit(fn)
+        renamed.name = "tutorial_" + fn.name
+    return ast.unparse(tree)
+
+
+def _edited(src: str) -> str:
+    """A solution with its functions renamed and the first statement of every body dropped (a near copy)."""
+    tree = ast.parse(src)
+    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        body = _body(fn)
+        if len(body) > 2:
+            fn.body = body[1:]
+        fn.name = "my_" + fn.name
+    return ast.unparse(tree)
+
+
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_the_answer_check_catches_copies(assignment):
+    """The check is not vacuous: a renamed verbatim copy and an edited near copy of each solution are caught."""
+    src = (ADIR / "solutions" / f"{assignment}.py").read_text(encoding="utf-8")
+    assert any("normalised AST" in p for p in answer_overlap(_disguised(src), assignment)), assignment
+    assert answer_overlap(_edited(src), assignment), assignment
+
+
+def test_the_answer_check_catches_the_grader_style_copy():
+    """A tutorial that computes the distillation loss as the solution does (as tutorial 09 did before issue 14)."""
+    sol = (ADIR / "solutions" / "distil_drafter.py").read_text(encoding="utf-8")
+    body = sol[sol.index("def distill_loss") : sol.index("def train")]
+    signature = "def distill_loss(target, drafter, x: torch.Tensor, teach, k: int = 2) -> torch.Tensor:"
+    old_style = body.replace(signature, "def distill_loss(x, teach, k=2):").replace("<= S - 1", "< S")
+    assert answer_overlap(old_style, "distil_drafter")

@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Build the student release of the assignments: the folder an instructor hands out instead of this repository.
+
+    python tutorials/assignments/release.py OUT                  # what students get
+    python tutorials/assignments/release.py --instructor OUT     # the same, plus the hidden grader suite
+    python tutorials/assignments/release.py OUT --docs-url https://example.org/minimtp   # handout links absolute
+
+``OUT`` (created; it must not exist yet, or be empty) receives, in the repository's own layout so that every
+command in the handouts and starter files works unchanged from ``OUT``:
+
+* ``README.md`` — how to install the dependency, work on an assignment and grade it, with the points per test;
+* ``tutorials/assignments/<assignment>/`` — the starter file(s) (``student.py``) of every assignment;
+* ``tutorials/assignments/grade.py`` and every local module or package it imports (found by following its
+  ``import`` statements, e.g. a ``grader/`` package next to it), **except files whose name starts with
+  ``hidden``** (the instructor-only suite);
+* the helper modules of ``tutorials/`` that the grader, the starters or the tutorials import (``_tiny.py``);
+* ``tutorials/NN_*.py`` — the numbered tutorials the starter files tell students to read first (tests check that
+  no tutorial contains an assignment's answer: tests/test_release.py);
+* ``handouts/<assignment>.md`` — the handout page ``docs/assignments/<assignment>.md``, where it exists. Its
+  links to the tutorials stay relative (the tutorials are in the release); links to other docs pages become
+  absolute links into the published docs with ``--docs-url`` (else they are kept, and the script lists them).
+
+Never copied: ``solutions/``, ``fixtures/``, ``hidden*`` files (unless ``--instructor``), this script, the
+assignments' developer README (it lists the fixtures). The release refuses to build if the grader imports a module
+from ``solutions/`` or ``fixtures/``. The released grader needs the ``minimtp`` package installed (its wheel holds
+the library only: no tutorials, no assignments), as the README explains.
+
+``--instructor`` also copies the hidden suite (every ``hidden*`` file under ``tutorials/assignments/``, same
+relative path) so that the released grader can run it; keep that folder away from students.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ADIR = Path(__file__).resolve().parent  # tutorials/assignments
+TDIR = ADIR.parent  # tutorials
+ROOT = TDIR.parent  # the repository
+DOCS = ROOT / "docs"
+FORBIDDEN_DIRS = ("solutions", "fixtures")
+SKIP_NAMES = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
+
+
+class ReleaseError(RuntimeError):
+    pass
+
+
+def is_hidden(path: Path) -> bool:
+    """A file of the instructor-only suite: its name, or a folder above it (below tutorials/), starts with hidden."""
+    return any(part.startswith("hidden") for part in path.relative_to(TDIR).parts)
+
+
+def is_forbidden(path: Path) -> bool:
+    rel = path.resolve().relative_to(ADIR) if path.resolve().is_relative_to(ADIR) else None
+    return rel is not None and len(rel.parts) > 1 and rel.parts[0] in FORBIDDEN_DIRS
+
+
+def assignments() -> list[str]:
+    """Every folder of tutorials/assignments/ with a starter file ``student.py``."""
+    return sorted(p.parent.name for p in ADIR.glob("*/student.py") if p.parent.name not in FORBIDDEN_DIRS)
+
+
+def _package_files(pkg: Path, instructor: bool) -> list[Path]:
+    files = []
+    for p in sorted(pkg.rglob("*")):
+        if not p.is_file() or SKIP_NAMES & set(p.parts) or p.suffix == ".pyc":
+            continue
+        if is_hidden(p) and not instructor:
+            continue
+        files.append(p)
+    return files
+
+
+def _imported_names(path: Path) -> set[tuple[int, str]]:
+    """(level, dotted name) of every import in the file, including those inside functions."""
+    names: set[tuple[int, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {(0, a.name) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names.add((node.level, base))
+            names |= {(node.level, f"{base}.{a.name}" if base else a.name) for a in node.names}
+    return names
+
+
+def _resolve(path: Path, level: int, name: str) -> Path | None:
+    """The local file or package folder (under tutorials/) an import of ``path`` refers to, else None. Search
+    order: relative imports from the file's package; absolute ones from the file's folder (the script's folder
+    is first on sys.path), tutorials/assignments/ and tutorials/ (the grader puts it on sys.path)."""
+    if level:
+        base = path.parent
+        for _ in range(level - 1):
+            base = base.parent
+        roots = [base]
+    else:
+        roots = list(dict.fromkeys([path.parent, ADIR, TDIR]))
+    parts = [p for p in name.split(".") if p]
+    if not parts:
+        return path.parent if level else None
+    for root in roots:
+        top = root / parts[0]
+        if top.is_dir() and any(top.glob("*.py")):
+            return top
+        if top.with_suffix(".py").is_file():
+            return top.with_suffix(".py")
+    return None
+
+
+def closure(starts: list[Path], instructor: bool = False) -> list[Path]:
+    """Every local file (under tutorials/) that ``starts`` need, by following their imports transitively."""
+    seen: dict[Path, None] = {}
+    todo = [p.resolve() for p in starts]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen[p] = None
+        if p.suffix != ".py":
+            continue
+        for level, name in sorted(_imported_names(p)):
+            hit = _resolve(p, level, name)
+            if hit is None:
+                continue
+            hit = hit.resolve()
+            if not hit.is_relative_to(TDIR):
+                continue
+            if is_forbidden(hit) or hit.name in FORBIDDEN_DIRS:
+                raise ReleaseError(f"{p.relative_to(ROOT)} imports {name!r} from {hit.relative_to(ROOT)}: refusing")
+            if is_hidden(hit) and not instructor:
+                continue  # the hidden suite is optional for the public grader
+            todo += _package_files(hit, instructor) if hit.is_dir() else [hit]
+    return [p for p in seen if p.is_file()]
+
+
+def _fix_links(text: str, page: Path, out_page: Path, docs_url: str | None, unresolved: list[str]) -> str:
+    """Relative links of a handout: kept where the target is in the release (the tutorials), made absolute links
+    into the published docs with ``docs_url`` (mkdocs directory URLs), else kept and listed in ``unresolved``."""
+
+    def fix(m: re.Match) -> str:
+        target = m.group(2)
+        if re.match(r"^[a-z]+:|^#|^/", target):
+            return m.group(0)
+        path, _, anchor = target.partition("#")
+        if (out_page.parent / path).resolve().is_file():
+            return m.group(0)
+        try:
+            rel = (page.parent / path).resolve().relative_to(DOCS.resolve()).as_posix()
+        except ValueError:
+            rel = None
+        if rel is None or not docs_url:
+            unresolved.append(target)
+            return m.group(0)
+        if rel.endswith((".md", ".py")):  # pages, and the tutorials mkdocs-jupyter renders as pages
+            rel = rel.rsplit(".", 1)[0]
+            rel = "" if rel == "index" else (rel[: -len("index")] if rel.endswith("/index") else rel + "/")
+        url = docs_url.rstrip("/") + "/" + rel + (f"#{anchor}" if anchor else "")
+        return f"{m.group(1)}({url})"
+
+    return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", fix, text)
+
+
+def _points_table(names: list[str]) -> str:
+    """Points per test, read from the grader (``Test.points``); empty if the grader does not define them."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("minimtp_release_grader", ADIR / "grade.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        tests = mod.TESTS
+    except Exception:  # the grader cannot be imported here (no torch?): the README just omits the table
+        return ""
+    lines = []
+    for a in names:
+        pts = [getattr(t, "points", None) for t in tests.get(a, [])]
+        if not pts or None in pts:
+            return ""
+        lines.append(f"| `{a}` | {len(pts)} | {sum(pts)} |")
+    return (
+        "| assignment | autograded tests | points |\n|---|---|---|\n" + "\n".join(lines) + "\n\n"
+        "The handout of each assignment adds its written questions. "
+        "`python tutorials/assignments/grade.py --points <assignment>` prints the points of every test.\n"
+    )
+
+
+def readme(names: list[str], handouts: list[str], instructor: bool, hidden: list[str], docs_links: bool) -> str:
+    rows = "\n".join(
+        f"| `{a}` | `tutorials/assignments/{a}/student.py` | "
+        + (f"[handouts/{a}.md](handouts/{a}.md)" if a in handouts else "—")
+        + " |"
+        for a in names
+    )
+    text = f"""# minimtp assignments
+
+Exercises on exact speculative decoding for Gemma 4 and its MTP drafter: the sampling rule, a paged KV cache, a
+Triton attention kernel, and the distillation of a drafter. Each assignment comes with a starter file to complete,
+a handout (objectives, background reading, what to implement, written questions, points) and an autograder.
+
+| assignment | starter file | handout |
+|---|---|---|
+{rows}
+
+The numbered tutorials in `tutorials/` build each concept step by step; the starter files say which to read first
+(`python tutorials/07_triton_paged_attention.py` runs one). They teach neighbouring variants: they never contain an
+assignment's answer.
+
+## Setup
+
+The grader, the tutorials and the starter files use the `minimtp` library (PyTorch reference, Triton kernels):
+
+```bash
+pip install minimtp          # or the wheel your instructor gives you: pip install minimtp-*.whl
+```
+
+No GPU is needed: the Triton kernels run on the CPU under Triton's interpreter, which the grader turns on by
+itself when there is no GPU (a script of your own sets `TRITON_INTERPRET=1` before importing torch or triton).
+
+## Grading
+
+From this folder:
+
+```bash
+python tutorials/assignments/grade.py --list                      # the assignments
+python tutorials/assignments/grade.py kv_rollback tutorials/assignments/kv_rollback/student.py
+python tutorials/assignments/grade.py kv_rollback my_answer.py -x  # stop at the first failure
+python tutorials/assignments/grade.py --help                      # every option
+```
+
+It prints one line per test (PASS / FAIL / WARN) with a hint for each failure, and exits with status 0 iff every
+required test passes. An untouched starter file fails with "not implemented yet". Work on the starter file itself
+or on a copy anywhere. The tests shipped here use fixed seeds; your instructor may grade with a further set of
+tests, so make the invariants hold in general rather than for the printed cases.
+
+"""
+    if docs_links:
+        text += (
+            "The handouts' background reading links to the pages of the minimtp documentation (`concepts/...`): "
+            "read them on the published documentation, or build it from the minimtp repository with `mkdocs serve`."
+            "\n\n"
+        )
+    table = _points_table(names)
+    if table:
+        text += "## Points\n\n" + table + "\n"
+    if instructor:
+        listed = "\n".join(f"* `{h}`" for h in hidden) or "* (none in this repository version)"
+        text += (
+            "## Instructor copy\n\nThis folder was built with `--instructor`: it also holds the hidden suite (the "
+            "files whose name starts with `hidden`), which the public grader runs when asked to "
+            "(`python tutorials/assignments/grade.py --help`). Do not hand this copy to students; build the "
+            "student copy without `--instructor`.\n\n" + listed + "\n"
+        )
+    return text
+
+
+def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> list[Path]:
+    """Write the release into ``out``; returns the released files (paths inside ``out``)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ReleaseError(f"{out} exists and is not empty")
+    names = assignments()
+    starters = [f for a in names for f in _package_files(ADIR / a, instructor=False)]
+    tutorials = sorted(TDIR.glob("[0-9][0-9]_*.py"))
+    starts = [ADIR / "grade.py", *starters, *tutorials]
+    hidden = sorted(p for p in ADIR.rglob("hidden*") if p.is_file() and not SKIP_NAMES & set(p.parts))
+    if instructor:
+        starts += [p for p in hidden if p.suffix == ".py"]
+    files = closure(starts, instructor)
+    if instructor:
+        files += [p for p in hidden if p not in files]
+    for f in files:  # the last line of defence
+        if is_forbidden(f) or (is_hidden(f) and not instructor) or f == Path(__file__).resolve():
+            raise ReleaseError(f"refusing to release {f.relative_to(ROOT)}")
+    written = []
+    for f in sorted(set(files)):
+        dest = out / f.relative_to(ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+        written.append(dest)
+    handouts, unresolved = [], []
+    for a in names:
+        page = DOCS / "assignments" / f"{a}.md"
+        if page.is_file():
+            dest = out / "handouts" / f"{a}.md"
+            text = _fix_links(page.read_text(encoding="utf-8"), page, dest, docs_url, unresolved)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text, encoding="utf-8")
+            written.append(dest)
+            handouts.append(a)
+    rel_hidden = [p.relative_to(ROOT).as_posix() for p in hidden]
+    (out / "README.md").write_text(readme(names, handouts, instructor, rel_hidden, bool(unresolved)), encoding="utf-8")
+    written.append(out / "README.md")
+    if unresolved:
+        print(
+            f"release: {len(set(unresolved))} handout link(s) point into the docs site; pass --docs-url to make them "
+            "absolute: " + ", ".join(sorted(set(unresolved))),
+            file=sys.stderr,
+        )
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="folder to create (must not exist or be empty)")
+    ap.add_argument("--instructor", action="store_true", help="also copy the hidden grader suite (hidden* files)")
+    ap.add_argument("--docs-url", help="published docs URL: the handouts' relative links become absolute links")
+    args = ap.parse_args(argv)
+    try:
+        files = build(Path(args.out), args.instructor, args.docs_url)
+    except ReleaseError as e:
+        print(f"release: {e}", file=sys.stderr)
+        return 2
+    kind = "instructor" if args.instructor else "student"
+    print(f"{kind} release in {args.out}: {len(files)} files")
+    for f in files:
+        print("  " + os.path.relpath(f, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

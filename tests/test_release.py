@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.util
 import io
 import os
 import shutil
@@ -117,7 +118,10 @@ def test_instructor_release_adds_the_hidden_suite(tmp_path):
     hidden = {p.relative_to(ROOT).as_posix() for p in ADIR.rglob("hidden*") if p.is_file() and p.suffix != ".pyc"}
     hidden = {h for h in hidden if "__pycache__" not in h}
     assert hidden <= names, hidden - names
-    assert not any({"solutions", "fixtures"} & set(Path(n).parts) for n in names)
+    hidden_text = "".join((ROOT / h).read_text(encoding="utf-8", errors="replace") for h in hidden)
+    for n in names:  # solutions or fixtures only where the hidden suite imports them
+        if {"solutions", "fixtures"} & set(Path(n).parts):
+            assert Path(n).stem in hidden_text, n
     assert "Instructor copy" in (out / "README.md").read_text(encoding="utf-8")
 
 
@@ -126,6 +130,74 @@ def test_release_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     proc = _build(tmp_path / "out")
     assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def _load_release():
+    spec = importlib.util.spec_from_file_location("minimtp_release", RELEASE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_repo(root: Path, grader_imports: str) -> None:
+    files = {
+        "tutorials/_tiny.py": "X = 1\n",
+        "tutorials/_unused.py": "Y = 2\n",
+        "tutorials/01_intro.py": "from _tiny import X\n",
+        "tutorials/assignments/grade.py": grader_imports,
+        "tutorials/assignments/grader/__init__.py": "from .checks import check\n",
+        "tutorials/assignments/grader/checks.py": "def check():\n    from _tiny import X\n    return X\n",
+        "tutorials/assignments/grader/data.json": "{}\n",
+        "tutorials/assignments/grader/hidden_extra.py": "SECRET = 1\n",
+        "tutorials/assignments/hidden_suite.py": "from solutions import demo\n",
+        "tutorials/assignments/demo/student.py": "def f():\n    raise NotImplementedError\n",
+        "tutorials/assignments/solutions/demo.py": "def f():\n    return 42\n",
+        "tutorials/assignments/fixtures/demo__bug.py": "def f():\n    return 41\n",
+        "docs/assignments/demo.md": "# demo\n[intro](../tutorials/01_intro.py), [concepts](../concepts/x.md#y)\n",
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_release_follows_the_graders_imports(tmp_path, monkeypatch):
+    """On a made-up layout: a grader split into a package, helpers in tutorials/, an optional hidden module."""
+    rel = _load_release()
+    repo = tmp_path / "repo"
+    _fake_repo(repo, "import grader\ntry:\n    from grader import hidden_extra\nexcept ImportError:\n    pass\n")
+    for name, path in [("ROOT", repo), ("TDIR", repo / "tutorials"), ("ADIR", repo / "tutorials/assignments")]:
+        monkeypatch.setattr(rel, name, path)
+    monkeypatch.setattr(rel, "DOCS", repo / "docs")
+    got = {p.relative_to(tmp_path / "s").as_posix() for p in rel.build(tmp_path / "s")}
+    assert got == {
+        "tutorials/_tiny.py",
+        "tutorials/01_intro.py",
+        "tutorials/assignments/grade.py",
+        "tutorials/assignments/grader/__init__.py",
+        "tutorials/assignments/grader/checks.py",
+        "tutorials/assignments/grader/data.json",
+        "tutorials/assignments/demo/student.py",
+        "handouts/demo.md",
+        "README.md",
+    }, got
+    handout = (tmp_path / "s" / "handouts/demo.md").read_text()
+    assert "(../tutorials/01_intro.py)" in handout  # in the release: kept
+    rel.build(tmp_path / "d", docs_url="https://docs.example/minimtp")
+    assert "(https://docs.example/minimtp/concepts/x/#y)" in (tmp_path / "d" / "handouts/demo.md").read_text()
+    inst = {p.relative_to(tmp_path / "i").as_posix() for p in rel.build(tmp_path / "i", instructor=True)}
+    assert {"tutorials/assignments/hidden_suite.py", "tutorials/assignments/grader/hidden_extra.py"} <= inst
+    assert "tutorials/assignments/solutions/demo.py" in inst  # the hidden suite imports it
+    assert not any("fixtures" in n for n in inst)
+
+
+def test_release_refuses_a_grader_that_imports_a_solution(tmp_path, monkeypatch):
+    rel = _load_release()
+    repo = tmp_path / "repo"
+    _fake_repo(repo, "from solutions import demo\n")
+    for name, path in [("ROOT", repo), ("TDIR", repo / "tutorials"), ("ADIR", repo / "tutorials/assignments")]:
+        monkeypatch.setattr(rel, name, path)
+    with pytest.raises(rel.ReleaseError, match="refusing"):
+        rel.build(tmp_path / "s")
 
 
 # ------------------------------------------------------------------------------------ no solution code released

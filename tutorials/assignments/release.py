@@ -26,7 +26,8 @@ from ``solutions/`` or ``fixtures/``. The released grader needs the ``minimtp`` 
 the library only: no tutorials, no assignments), as the README explains.
 
 ``--instructor`` also copies the hidden suite (every ``hidden*`` file under ``tutorials/assignments/``, same
-relative path) so that the released grader can run it; keep that folder away from students.
+relative path, and whatever it imports, reference solutions included) so that the released grader can run it
+(``grade.py <assignment> FILE --hidden SECRET``); keep that folder away from students.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def closure(starts: list[Path], instructor: bool = False) -> list[Path]:
             hit = hit.resolve()
             if not hit.is_relative_to(TDIR):
                 continue
-            if is_forbidden(hit) or hit.name in FORBIDDEN_DIRS:
+            if (is_forbidden(hit) or hit.name in FORBIDDEN_DIRS) and not (instructor and is_hidden(p)):
                 raise ReleaseError(f"{p.relative_to(ROOT)} imports {name!r} from {hit.relative_to(ROOT)}: refusing")
             if is_hidden(hit) and not instructor:
                 continue  # the hidden suite is optional for the public grader
@@ -253,9 +254,11 @@ tests, so make the invariants hold in general rather than for the printed cases.
         listed = "\n".join(f"* `{h}`" for h in hidden) or "* (none in this repository version)"
         text += (
             "## Instructor copy\n\nThis folder was built with `--instructor`: it also holds the hidden suite (the "
-            "files whose name starts with `hidden`), which the public grader runs when asked to "
-            "(`python tutorials/assignments/grade.py --help`). Do not hand this copy to students; build the "
-            "student copy without `--instructor`.\n\n" + listed + "\n"
+            "files whose name starts with `hidden`), tests seeded from a secret of yours, so that nobody can tune an "
+            "answer to them: `python tutorials/assignments/grade.py <assignment> FILE --hidden SECRET` runs both "
+            "suites (or set `MINIMTP_GRADER_SECRET`), `--json results.json` writes Gradescope's format, and "
+            "`--help` lists every option. Do not hand this copy to students; build theirs without `--instructor`."
+            "\n\n" + listed + "\n"
         )
     return text
 
@@ -275,8 +278,8 @@ def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> l
     files = closure(starts, instructor)
     if instructor:
         files += [p for p in hidden if p not in files]
-    for f in files:  # the last line of defence
-        if is_forbidden(f) or (is_hidden(f) and not instructor) or f == Path(__file__).resolve():
+    for f in files:  # the last line of defence (an instructor copy holds what the hidden suite imports)
+        if (is_forbidden(f) and not instructor) or (is_hidden(f) and not instructor) or f == Path(__file__).resolve():
             raise ReleaseError(f"refusing to release {f.relative_to(ROOT)}")
     written = []
     for f in sorted(set(files)):

@@ -433,3 +433,13 @@ def test_the_answer_check_catches_the_grader_style_copy():
     signature = "def distill_loss(target, drafter, x: torch.Tensor, teach, k: int = 2) -> torch.Tensor:"
     old_style = body.replace(signature, "def distill_loss(x, teach, k=2):").replace("<= S - 1", "< S")
     assert answer_overlap(old_style, "distil_drafter")
+
+
+@pytest.mark.parametrize(
+    "tutorial, assignment",
+    [("07_triton_paged_attention", "paged_attention_kernel"), ("09_distil_a_drafter", "distil_drafter")],
+)
+def test_tutorial_points_to_its_assignment(tutorial, assignment):
+    """Tutorials 07 and 09 teach a neighbouring variant and say what the assignment adds."""
+    src = (TDIR / f"{tutorial}.py").read_text(encoding="utf-8")
+    assert f"`{assignment}` assignment asks you to extend" in " ".join(src.replace("#", " ").split())

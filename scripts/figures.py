@@ -73,7 +73,7 @@ def _arrow(ax, a, b, color=P_DARK, rad=0.0):
 def round_timeline(k: int = 4, accepted: int = 2):
     """One round with k drafts of which the first ``accepted`` survive: columns are sequence positions L .. L+k+1."""
     assert 0 <= accepted < k, "the picture shows a round that ends with a rejection"
-    fig, ax = plt.subplots(figsize=(11, 5.6))
+    fig, ax = plt.subplots(figsize=(9.6, 5.4))
     xs = list(range(1, k + 3))  # x = 1 is position L (the pending token t), x = 1 + i is position L + i
     lanes = {"pos": 6.0, "draft": 5.0, "rows": 4.15, "inputs": 3.35, "decide": 2.3, "kv": 1.3, "out": 0.3}
     labels = {
@@ -128,7 +128,7 @@ def round_timeline(k: int = 4, accepted: int = 2):
     _box(ax, n + 2, lanes["out"], "$y$", color="#ffebee", edge=REJECT)
     ax.text(n + 2.6, lanes["out"], f"{n + 1} tokens for one target forward (at most k+1 = {k + 1})", ha="left",
             va="center", fontsize=9, color=P_DARK)  # fmt: skip
-    ax.set_xlim(-2.1, k + 2.6)
+    ax.set_xlim(-1.75, k + 2.55)
     ax.set_ylim(-0.15, 6.4)
     ax.axis("off")
     ax.set_title(f"One speculative round: k = {k} drafts, n = {n} accepted", fontsize=12)
@@ -157,7 +157,7 @@ def residual_bars(p=P_EXAMPLE, q=Q_EXAMPLE):
     d = residual_decomposition(p, q)
     V = len(p)
     xs = list(range(V))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.7), sharey=True)
     w = 0.38
     ax = axes[0]
     ax.bar([x - w / 2 for x in xs], d["p"], w, color=P_DARK, label="target $p$")
@@ -246,7 +246,7 @@ def block_table(block_size: int = 4, window: int = 4):
     states = block_table_states(block_size, window)
     bs = block_size
     width = 4 * bs  # positions drawn per state
-    fig, axes = plt.subplots(len(states), 1, figsize=(11, 6.4))
+    fig, axes = plt.subplots(len(states), 1, figsize=(9.6, 6.6))
     for ax, st in zip(axes, states):
         length, table = st["length"], st["table"]
         # top: the sequence's positions, grouped by table entry
@@ -290,7 +290,7 @@ def block_table(block_size: int = 4, window: int = 4):
         ax.text(-0.4, 1.6, "seq 0\npositions", ha="right", va="center", fontsize=8.5, color=P_DARK)
         ax.text(-0.4, 0.35, "block pool", ha="right", va="center", fontsize=8.5, color=P_DARK)
         ax.set_title(st["title"], fontsize=10.5, loc="left")
-        ax.set_xlim(-3.2, width + 8.5)
+        ax.set_xlim(-2.6, width + 6.2)
         ax.set_ylim(-0.1, 2.55)
         ax.axis("off")
     handles = [
@@ -367,7 +367,7 @@ def render(name: str, dpi: int = 100) -> bytes:
     fig = FIGURES[name]()
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08)
     finally:
         plt.close(fig)
     return buf.getvalue()

@@ -3,10 +3,11 @@
     python scripts/screenshots.py            # writes docs/assets/screenshots/*.png
 
 The screenshots are how we check, without a person at a browser, that the offline site renders: math through
-the vendored KaTeX (no raw ``\\(`` left on the page), the plot of the executed tutorial 05, the theme's icons, the
-API reference. Besides the pictures, the script checks each page's DOM after its scripts ran (KaTeX output
-present, no unrendered math, the tutorial's figure inline) and exits non-zero if a check fails; still look at the
-PNGs after running it. Needs the docs toolchain (``pip install -e ".[dev]"``) and Chromium
+the vendored KaTeX (no raw ``\\(`` left on the page), the plot of the executed tutorial 05, the figures the docs
+build draws (the proof in pictures on the concepts pages and a handout), the theme's icons, the API reference.
+Besides the pictures, the script checks each page's DOM after its scripts ran (KaTeX output present, no unrendered
+math, the tutorial's plot inline, the build's figures linked and in the site) and exits non-zero if a check fails;
+still look at the PNGs after running it. Needs the docs toolchain (``pip install -e ".[dev]"``) and Chromium
 (``apt-get install -y --no-install-recommends chromium``). Nothing is fetched from the network: the site is served
 on 127.0.0.1 and Chromium runs with networking features off.
 """
@@ -30,15 +31,19 @@ OUT = ROOT / "docs" / "assets" / "screenshots"
 
 # (file name, path on the site, window height, what the rendered page must contain). Headless Chromium captures the
 # top of the page only (and a blank page for a #fragment URL), so pages whose point is further down are shot taller:
-# the math page down to its first proof (display equations, lemma boxes), tutorial 05 down to its plot (the one
-# tutorial the docs build executes: see docs/hooks/tutorials.py). The checks run on the DOM after the scripts ran:
-# "katex" = KaTeX rendered the math (no raw TeX left in an arithmatex element), "plot" = an inline PNG output.
+# the math page down to its first proof and the proof in pictures under it (the round timeline, the p/q/residual
+# bars), tutorial 05 down to its plot (the one tutorial the docs build executes: see docs/hooks/tutorials.py), a
+# handout down to its figure and points table. The checks run on the DOM after the scripts ran: "katex" = KaTeX
+# rendered the math (no raw TeX left in an arithmatex element), "plot" = an inline PNG output, "figures" = an image
+# drawn by the docs build (docs/hooks/figures.py) that the built site holds.
 PAGES = [
     ("home.png", "/", 900, []),
     ("tutorial-05.png", "/tutorials/05_acceptance_and_speedup/", 3000, ["katex", "plot"]),
-    ("speculative-decoding.png", "/concepts/speculative-decoding/", 1800, ["katex"]),
+    ("speculative-decoding.png", "/concepts/speculative-decoding/", 3300, ["katex", "figures"]),
+    ("paged-kv-cache.png", "/concepts/paged-kv-cache/", 2500, ["figures"]),
     ("kernels.png", "/concepts/kernels/", 1200, ["katex"]),
     ("assignments.png", "/assignments/", 1100, ["katex"]),
+    ("handout-spec-sampling.png", "/assignments/spec_sampling/", 2900, ["katex", "figures"]),
     ("api.png", "/reference/api/", 1150, []),  # tall enough for the whole nav
 ]
 
@@ -100,7 +105,15 @@ def dom_problems(dom: str, checks: list[str]) -> list[str]:
             problems.append(f"{len(raw)} arithmatex element(s) left unrendered")
     if "plot" in checks and not re.search(r'<img[^>]+src="data:image/png;base64,', dom):  # (the CSS has data: URLs)
         problems.append("no inline PNG output (was the tutorial executed?)")
+    if "figures" in checks and not re.search(r'<img[^>]+src="[^"]*assets/figures/[\w.-]+\.png"', dom):
+        problems.append("no figure drawn by the docs build (docs/hooks/figures.py)")
     return problems
+
+
+def missing_figures(dom: str, site: Path) -> list[str]:
+    """The build-drawn figures a page links to that the built site does not hold."""
+    names = set(re.findall(r'src="[^"]*assets/figures/([\w.-]+\.png)"', dom))
+    return sorted(n for n in names if not (site / "assets" / "figures" / n).is_file())
 
 
 def shrink(png: Path) -> None:
@@ -144,6 +157,7 @@ def main(argv=None) -> int:
                 if checks:
                     dom = subprocess.run([*cmd, "--dump-dom", url], stdout=subprocess.PIPE, text=True, **run).stdout
                     failures += [f"{path}: {problem}" for problem in dom_problems(dom, checks)]
+                    failures += [f"{path}: assets/figures/{n} is not in the site" for n in missing_figures(dom, site)]
             for failure in failures:
                 print(f"error: {failure}", file=sys.stderr)
             if failures:

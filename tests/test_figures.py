@@ -93,7 +93,9 @@ def test_points_tables_total_80():
     reg = hook._registry(Config())
     assert {"spec_sampling", "kv_rollback", "paged_attention_kernel", "distil_drafter"} <= set(reg["tests"])
     for a, rows in reg["tests"].items():
-        table = hook.points_table([dict(r) for r in rows])
+        table = hook.points_table([dict(r) for r in rows], reg["alpha"])
         assert "| | **autograded total** | **80** |" in table, f"{a}:\n{table}"
+        chi2 = sum(int(r.get("chi2") or 0) for r in rows)
+        assert ("Pearson χ² tests" in table) == bool(chi2), table  # the stated false-failure probability
         handout = ROOT / "docs" / "assignments" / f"{a}.md"
         assert handout.is_file() and f"<!-- grader-points: {a} -->" in handout.read_text(encoding="utf-8"), a

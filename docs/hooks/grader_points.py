@@ -36,7 +36,8 @@ for a, tests in grade.TESTS.items():
         suite = getattr(t, "suite", "public")
         if getattr(t, "hidden", False) or suite not in ("public", None):
             continue
-        rows.append({"name": t.name, "points": getattr(t, "points", None), "required": getattr(t, "required", True)})
+        rows.append({"name": t.name, "points": getattr(t, "points", None), "required": getattr(t, "required", True),
+                     "gate": getattr(t, "gate", False), "chi2": getattr(t, "chi2", 0)})
     out["tests"][a] = rows
 print(json.dumps(out))
 """
@@ -60,8 +61,9 @@ def _registry(config) -> dict:
     return _CACHE
 
 
-def points_table(rows: list[dict]) -> str:
-    """The markdown table for one assignment's tests (``rows``: name, points, required)."""
+def points_table(rows: list[dict], alpha: float | None = None) -> str:
+    """The markdown table for one assignment's tests (``rows``: name, points, required, gate, chi2), then the
+    probability that a correct solution fails one of its χ² tests (at most their number times ``alpha``)."""
     provisional = all(r["points"] is None for r in rows)
     if provisional:  # the grader does not assign points yet: show an even split of the autograded total
         req = [r for r in rows if r["required"]]
@@ -72,13 +74,24 @@ def points_table(rows: list[dict]) -> str:
     for i, r in enumerate(rows, 1):
         pts = r["points"] or 0
         name = r["name"].replace("|", "\\|")
-        kind = "" if r["required"] else " (advisory)"
+        kind = " (integrity: 0 points, but failing it scores 0)" if r.get("gate") else ""
+        kind += "" if r["required"] else " (advisory)"
         lines.append(f"| {i} | `{name}`{kind} | {pts} |")
     total = sum(r["points"] or 0 for r in rows)
     lines.append(f"| | **autograded total** | **{total}** |")
     if provisional:
         lines.append("")
         lines.append("*The grader does not assign points per test yet; an even split of 80 is shown.*")
+    n = sum(int(r.get("chi2") or 0) for r in rows)
+    lines.append("")
+    if n and alpha:
+        lines.append(
+            f"**Statistical tests.** This suite runs {n} Pearson χ² tests, each at significance α = {alpha:.0e}: a "
+            f"correct solution fails a given one with probability at most α, and the suite with probability at most "
+            f"{n} × α = {n * alpha:.1e}. Its seeds are fixed, so the grade of a given file is deterministic."
+        )
+    else:
+        lines.append("**Statistical tests.** None: every check of this suite is exact, so a correct solution passes.")
     return "\n".join(lines)
 
 
@@ -91,6 +104,6 @@ def on_page_markdown(markdown, page, config, files):
         a = m.group(1)
         if a not in reg["tests"]:
             raise PluginError(f"{page.file.src_uri}: no assignment {a!r} in the grader ({sorted(reg['tests'])})")
-        return points_table([dict(r) for r in reg["tests"][a]])
+        return points_table([dict(r) for r in reg["tests"][a]], reg.get("alpha"))
 
     return MARKER.sub(repl, markdown)

@@ -149,4 +149,6 @@ assert float((exact - p).abs().max()) < 5 * se
 # ends the round; if all $k$ are accepted, a **bonus** token is sampled from row $k$. By induction over
 # positions the whole output sequence is distributed as plain sampling from the target
 # (`tests/test_exact_enumeration.py` checks this by enumerating every path on a toy model).
+
+# %%
 print("tutorial 04 OK")

@@ -293,6 +293,12 @@ def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> l
         if page.is_file():
             dest = out / "handouts" / f"{a}.md"
             text = _fix_links(page.read_text(encoding="utf-8"), page, dest, docs_url, unresolved)
+            # the docs build renders the points table here; in the release the grader prints it
+            text = re.sub(
+                r"<!--\s*grader-points:\s*([\w-]+)\s*-->",
+                lambda m: f"Points per test: `python tutorials/assignments/grade.py --points {m.group(1)}`.",
+                text,
+            )
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(text, encoding="utf-8")
             written.append(dest)

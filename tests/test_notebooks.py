@@ -70,20 +70,7 @@ def _code_in_markdown(nb) -> list[str]:
     return [ln for c in nb.cells if c.cell_type == "markdown" for ln in c.source.splitlines() if pat.match(ln)]
 
 
-# Known: tutorials/04_speculative_sampling.py ends with a markdown cell whose last line is its "tutorial 04 OK" print
-# (no "# %%" before it). The xfail lifts itself (strict=False) once the source is fixed.
-CODE_IN_MARKDOWN_KNOWN = {"04"}
-
-
-@pytest.mark.parametrize(
-    "stem",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(reason="code in a markdown cell", strict=False))
-        if s in CODE_IN_MARKDOWN_KNOWN
-        else s
-        for s in ALL
-    ],
-)
+@pytest.mark.parametrize("stem", ALL)
 def test_no_code_hidden_in_markdown_cells(stem):
     (src,) = mk.tutorials([stem])
     lines = _code_in_markdown(mk.convert(src))
@@ -99,7 +86,7 @@ def _execute(stem: str, tmp_path: Path) -> None:
     assert not errors, errors
     text = "".join(out.get("text", "") for c in code for out in c.get("outputs", []))  # stream outputs
     marker = f"tutorial {stem} OK"
-    if any(marker in c.source for c in code):  # (04's marker is stuck in a markdown cell: see above)
+    if any(marker in c.source for c in code):
         assert marker in text, f"{path.name} did not run to its last cell:\n{text[-2000:]}"
 
 

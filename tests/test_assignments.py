@@ -316,3 +316,24 @@ def test_chi2_failure_shows_the_largest_cell():
         grader.chi2_test(counts, torch.tensor([0.1, 0.1, 0.4, 0.4]), "demo")
     msg = e.value.evidence
     assert "largest contribution" in msg and "observed 0" in msg and "expected 100.0" in msg, msg
+
+
+def test_public_loss_table_matches_the_mistakes():
+    """The public grader names a distillation mistake from stored losses (it does not ship the loss code): they must
+    be what the hidden suite's implementation of each mistake computes on the public inputs."""
+    import torch
+
+    assert grader.load_hidden() and grader.LOSS_VARIANT is not None
+    x, seed = grader._public_loss_inputs()
+    target = grader._distil_setup()["target"]
+    drafter = grader._fresh_drafter(seed)
+    assert set(grader.PUBLIC_LOSS_TABLE) == set(grader._LOSS_MISTAKES)
+    with torch.no_grad():
+        for name, vals in grader.PUBLIC_LOSS_TABLE.items():
+            for k, v in zip(grader.PUBLIC_LOSS_KS, vals):
+                got = float(grader.LOSS_VARIANT(target, drafter, x, k, name))
+                assert abs(got - v) <= 2e-5 * abs(v), (name, k, got, v)
+        for k in grader.PUBLIC_LOSS_KS:  # the library's loss is the definition (no switch set)
+            ref = float(grader._reference_loss(target, drafter, x, k))
+            from_definition = float(sys.modules["minimtp_hidden_suite"].loss_variant(target, drafter, x, k))
+            assert abs(ref - from_definition) <= 1e-5 * abs(ref)

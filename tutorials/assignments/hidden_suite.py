@@ -19,8 +19,72 @@ from __future__ import annotations
 import torch
 
 
+def loss_variant(target, drafter, x, k, div="ce", label_shift=0, tok="advance", hidden="drafter", reduce="mean",
+                 positions="valid", ctx_shift=0, hidden0=-1, vocab="sum"):  # fmt: skip
+    """The distillation loss from its definition (defaults), with switches for the classic mistakes: ``div`` "ce" |
+    "fkl" (KL(p||q)) | "rkl" (KL(q||p)) | "hard" (CE with the sampled next token); ``label_shift`` +1 / -1 rows;
+    ``tok`` "advance" | "fixed" (every step reads x[p]) | "ahead" (step j reads x[p+j]); ``hidden`` "drafter" |
+    "teacher" (later steps read the target's hidden state); ``reduce`` "mean" | "sum" over steps; ``positions``
+    "valid" | "all"; ``ctx_shift`` 1 (the context sees position p); ``hidden0`` 0 (step 1 reads the hidden state at
+    p); ``vocab`` "mean" (the CE averaged over the vocabulary)."""
+    from minimtp.attention import DraftDenseContext
+
+    B, S = x.shape
+    with torch.no_grad():
+        logits, t_hidden, kv = target.forward_with_kv(x)
+        t_prob = torch.softmax(logits, -1)
+    V, H = t_prob.shape[-1], t_hidden.shape[-1]
+    ar = torch.arange(S)
+    pos = ar.repeat(B)
+    ctx = DraftDenseContext(drafter.config.text, kv, (pos + ctx_shift).view(B, S))
+    t_prev = torch.cat([torch.zeros(B, 1, H), t_hidden[:, :-1]], 1) if hidden0 == -1 else t_hidden
+    hid = t_prev.reshape(B * S, H)
+    total = 0.0
+    for j in range(1, k + 1):
+        off = {"advance": j - 1, "fixed": 0, "ahead": j}[tok]
+        src = (ar + off).clamp(max=S - 1)
+        lab = (ar + j - 1 + label_shift).clamp(0, S - 1)
+        valid = (ar >= 1) & (ar + j - 1 <= S - 1) & (ar + j - 1 + label_shift <= S - 1) & (ar + off <= S - 1)
+        if div == "hard":
+            valid &= ar + j <= S - 1
+        if positions == "all":
+            valid = torch.ones(S, dtype=torch.bool)
+        valid = valid.repeat(B)
+        if hidden == "teacher" and j > 1:
+            hid = torch.cat([t_prev, t_hidden[:, -1:]], 1)[:, (ar + j - 1).clamp(max=S)].reshape(B * S, H)
+        z, hid = drafter.step(target.embed(x[:, src]).reshape(B * S, H), hid, pos, ctx)
+        logq = torch.log_softmax(z, -1)
+        p = t_prob[:, lab].reshape(B * S, V)
+        if div == "ce":
+            d = -(p * logq).sum(-1) if vocab == "sum" else -(p * logq).mean(-1)
+        elif div == "fkl":
+            d = (p * (p.clamp_min(1e-30).log() - logq)).sum(-1)
+        elif div == "rkl":
+            d = (logq.exp() * (logq - p.clamp_min(1e-30).log())).sum(-1)
+        else:  # hard labels: the token that follows, x[p + j]
+            d = -logq.gather(-1, x[:, (ar + j).clamp(max=S - 1)].reshape(B * S, 1))[:, 0]
+        total = total + d[valid].mean()
+    return total / k if reduce == "mean" else total
+
+
 def register(G) -> None:
     """Add the hidden tests to ``G.HIDDEN`` (G: the grader module)."""
+    mistakes = {  # the grader's names of the classic loss mistakes -> loss_variant's switches
+        G.DD_REVERSE_KL: dict(div="rkl"),
+        G.DD_FORWARD_KL: dict(div="fkl"),
+        G.DD_LABEL: dict(label_shift=1),
+        G.DD_LABEL_BACK: dict(label_shift=-1),
+        G.DD_HARD: dict(div="hard"),
+        G.DD_TOKEN: dict(tok="fixed"),
+        G.DD_TOKEN_SHIFT: dict(tok="ahead"),
+        G.DD_HIDDEN: dict(hidden="teacher"),
+        G.DD_SUM: dict(reduce="sum"),
+        G.DD_POSITIONS: dict(positions="all"),
+        G.DD_CONTEXT: dict(ctx_shift=1),
+        G.DD_HIDDEN0: dict(hidden0=0),
+        G.DD_VOCAB: dict(vocab="mean"),
+    }
+    G.LOSS_VARIANT = lambda target, drafter, x, k, name: loss_variant(target, drafter, x, k, **mistakes[name])
 
     def hidden(assignment, hint, points=0, bug="", gate=False, chi2=0, name=None):
         return G.test(assignment, hint, points=points, bug=bug, gate=gate, chi2=chi2, name=name, registry=G.HIDDEN,

@@ -337,3 +337,24 @@ def test_public_loss_table_matches_the_mistakes():
             ref = float(grader._reference_loss(target, drafter, x, k))
             from_definition = float(sys.modules["minimtp_hidden_suite"].loss_variant(target, drafter, x, k))
             assert abs(ref - from_definition) <= 1e-5 * abs(ref)
+
+
+def test_hints_are_per_bug_class():
+    """A failure's hint is its bug class's (a forgotten softmax scale gets the scale hint, not the causal-mask hint of
+    the test it failed in); every bug class a test can name by default has a hint."""
+    verify = next(t for t in grader.TESTS["paged_attention_kernel"] if "verify" in t.name)
+    r = grader.Result(verify, "FAIL", 0.0, 0.0, grader.PA_SCALE, "...")
+    assert "scale" in grader.hint_for(r) and grader.hint_for(r) != verify.hint
+    r.bug = f"{grader.SP_DRAFTS} (drawn from the raw softmax: temperature / top-k ignored)"
+    assert grader.hint_for(r) == grader.BUG_HINTS[grader.SP_DRAFTS]
+    r.bug = "timeout"
+    assert grader.hint_for(r) == verify.hint
+    for p in FIXTURES:
+        assert _bug_class(p) in grader.BUG_HINTS or _bug_class(p) in {
+            grader.DD_LOSS,
+            grader.DD_ACCEPT,
+            grader.SP_OUTPUT,
+            grader.KV_RANDOM,
+            grader.PA_OUTPUT,
+            grader.SP_SHORTCUT,
+        }, f"{p.name}: no hint for its bug class {_bug_class(p)!r}"

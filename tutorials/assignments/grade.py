@@ -98,6 +98,7 @@ class Test:
 
 
 TESTS: dict[str, list[Test]] = {}  # the public suite of every assignment
+BUG_HINTS: dict[str, str] = {}  # bug class -> the hint printed for it (else the failing test's own hint)
 HIDDEN: dict[str, list[Test]] = {}  # the hidden suite, filled by hidden_suite.register(grader) when it is loaded
 DESCRIPTIONS: dict[str, str] = {}
 
@@ -315,6 +316,12 @@ def _run_one(t: Test, mod, path: str, timeout: float | None, seed: int | None) -
                   str(info or ""), buf.getvalue())  # fmt: skip
 
 
+def hint_for(r: Result) -> str:
+    """The hint of the bug class the failure names (longest known name it starts with), else the test's."""
+    names = [b for b in BUG_HINTS if r.bug == b or r.bug.startswith(b + " (")]
+    return BUG_HINTS[max(names, key=len)] if names else r.test.hint
+
+
 def _indent(text: str, pad: str = "         ") -> str:
     return ("\n" + pad).join(text.splitlines())
 
@@ -326,7 +333,7 @@ def _print_result(r: Result, out) -> None:
     if r.status != "PASS":
         print(f"         bug class: {r.bug or 'failed check'}", file=out)
         print(f"         evidence: {_indent(r.message)}", file=out)
-        print(f"         hint: {_indent(t.hint)}", file=out)
+        print(f"         hint: {_indent(hint_for(r))}", file=out)
     if r.output.strip():
         tail = r.output.strip().splitlines()[-5:]
         print("         your code printed: " + _indent("\n".join(tail)), file=out)
@@ -400,7 +407,7 @@ def gradescope_json(report: Report, extra: str = "") -> dict:
     tests = []
     for r in report.results:
         w = report.weight(r.test)
-        text = [f"bug class: {r.bug}", f"evidence: {r.message}", f"hint: {r.test.hint}"] if r.status != "PASS" else []
+        text = [f"bug class: {r.bug}", f"evidence: {r.message}", f"hint: {hint_for(r)}"] if r.status != "PASS" else []
         if r.info:
             text.insert(0, r.info)
         if r.test.gate and r.status == "FAIL":
@@ -689,6 +696,49 @@ SP_LAYOUT = "output layout"
 SP_INVALID = "invalid draft id accepted"
 SP_P_ZERO_OUT = "emitted token with p = 0"
 SP_OUTPUT = "output distribution is not p"
+
+
+# fmt: off
+BUG_HINTS.update({
+    SP_ARGMAX_Q: "an argmax draft is a point mass at x: return (x, None) from propose, accept with probability p(x) "
+    "and on rejection sample p with x removed (docs: concepts/speculative-decoding, 'Three rules that look right "
+    "and are not', rule 1).",
+    SP_WRONG_Q: "q' = process_logits(draft_logits, params): the SAME processing as the target's p (temperature, "
+    "top-k, top-p, min-p), and that q' is both sampled from and returned.",
+    SP_TEMP_TWICE: "apply the temperature once: process_logits(draft_logits, params) already divides by it.",
+    SP_TEMP_P_ONLY: "the drafter's distribution needs the same temperature and filters as the target's: "
+    "q' = process_logits(draft_logits, params), not softmax(draft_logits).",
+    SP_DRAFTS: "sample x with sample(q', noise) from the very q' you return; drafting from another distribution than "
+    "the one in the ratio biases the output (z-lab/dflash issue #74, deepseek-ai/DeepSpec issue #31).",
+    SP_NOT_THRESHOLD: "acceptance must be the threshold test u < min(1, p(x)/q(x)) on the given uniform: 'accept iff "
+    "x equals a token sampled from p' accepts with probability sum p*q (mlx-swift-lm PR #459).",
+    SP_IGNORES_Q: "for a sampled draft the ratio is p(x)/q(x): dividing by q is what makes the output exactly p.",
+    SP_INVERTED: "the ratio is p(x)/q(x) (target over draft), not q(x)/p(x).",
+    SP_ZERO: "accept iff u < ratio, strictly: with u = 0 a draft of probability p(x) = 0 must still be rejected.",
+    SP_WRONG_ROW: "draft j is tested against target row j (the row conditioned on the drafts before it); row j+1 is "
+    "the next draft's (or the bonus').",
+    SP_CONTINUE: "stop at the first rejection: emit the one residual token and return; later drafts are never used.",
+    SP_GREEDY: "'accept iff x is the argmax of p' is the greedy rule (T = 0); at T > 0 accept an argmax draft with "
+    "probability p(x), via u < p(x).",
+    SP_ONE_U: "draft j uses its own uniform u[j]; reusing u[0] correlates the accept tests.",
+    SP_Q_STEP: "draft j's ratio and residual use q_j, the distribution draft j was sampled from, not q_0.",
+    SP_RESIDUAL: "on a rejection sample norm((p_j - q_j)^+) (argmax drafts: p_j with x removed; all zeros: p_j).",
+    SP_RESIDUAL_P: "the residual is max(p - q, 0), not p: sampling p again double-counts the mass already accepted.",
+    SP_RESIDUAL_Q: "the residual is max(p - q, 0), built from the target's p minus the draft's q.",
+    SP_RESIDUAL_SIGN: "the residual is max(p - q, 0): the tokens the draft under-proposes, not max(q - p, 0).",
+    SP_RESIDUAL_ROW: "the residual of draft j uses p_j and q_j, the rows of the rejected draft.",
+    SP_ARGMAX_KEEPS_X: "for an argmax draft the residual is p with x set to 0: x was already offered with p(x).",
+    SP_BONUS: "if all n drafts are accepted sample the bonus from p_n, the row after the last draft.",
+    SP_BONUS_ROW: "the bonus comes from row n = num_drafts (the row after the last accepted draft), not row n-1.",
+    SP_NUM_DRAFTS: "sequence b uses only its first num_drafts[b] drafts: at most num_drafts + 1 tokens, bonus from "
+    "row num_drafts.",
+    SP_LAYOUT: "out_ids [B, K+1]: accepted drafts, one more token, then -1; num_emitted = accepted + 1.",
+    SP_INVALID: "a draft id outside [0, V) is rejected whatever u is: check 0 <= x < V before reading p[x] "
+    "(p[-1] is a valid index in Python).",
+    SP_P_ZERO_OUT: "the emitted token must have p > 0 in its row: sample the residual / bonus with "
+    "sample(dist, noise).",
+})
+# fmt: on
 
 
 @test(SP, "write the rule yourself: import nothing from minimtp but minimtp.sampling (process_logits, sample) and "
@@ -1083,6 +1133,35 @@ KV_TRIM_SHIFT = "trim shifts the table"
 KV_CONSERVE = "blocks leaked or double-freed"
 KV_FREED_IN_TABLE = "freed blocks left in the block table"
 KV_RANDOM = "wrong K/V after a random sequence of operations"
+
+
+# fmt: off
+BUG_HINTS.update({
+    KV_APPEND: "position i of the sequence is slot i % block_size of block table[i // block_size]: write row j of "
+    "the append at position length + j, after the blocks it needs were taken.",
+    KV_APPEND_BLOCKS: "take exactly ceil((length + T) / block_size) - len(table) new blocks: the last block may "
+    "have free slots, fill them first.",
+    KV_ATOMIC: "check that the pool covers the append BEFORE taking a block, writing a slot or changing the length: "
+    "a failed append must leave tables, lengths, free list and contents as they were.",
+    KV_NO_FULL: "raise minimtp.errors.CacheFullError when more blocks are needed than the free list holds (and "
+    "nothing else, e.g. IndexError from pop()).",
+    KV_FALSE_FULL: "the append fails only if needed > len(free): an append that takes exactly the last free blocks "
+    "fits.",
+    KV_STALE: "rollback(seq, n) sets length = n exactly (not the end of n's block, not n + 1), so the next append "
+    "overwrites the rejected drafts' slots.",
+    KV_ROLLBACK_LEAK: "after rollback(seq, n) the table holds ceil(n / block_size) blocks: pop the ones past it "
+    "back into the free list.",
+    KV_ROLLBACK_LIVE: "keep ceil(n / block_size) blocks: the block holding position n - 1 is still in use.",
+    KV_TRIM_WINDOW: "trim frees only the blocks whose positions are ALL < length - keep: the first "
+    "(length - keep) // block_size entries, counted from the length, not from the table's capacity.",
+    KV_TRIM_DEAD: "free every block whose positions are all < length - keep (entry -> None, id -> free list).",
+    KV_TRIM_SHIFT: "mark a trimmed entry None; do not delete it (the table is indexed by position // block_size).",
+    KV_CONSERVE: "every block id is in exactly one place: one table entry or the free list (never both, never twice, "
+    "never lost); skip None entries when freeing.",
+    KV_FREED_IN_TABLE: "a freed block must leave its table (rollback pops it, trim sets the entry to None) before "
+    "it goes back to the free list.",
+})
+# fmt: on
 
 
 @test(KV, "write the cache yourself: import nothing from minimtp but minimtp.errors (CacheFullError); no dynamic "
@@ -1541,6 +1620,38 @@ def check_triton_integrity(mod) -> None:
                           "allocates the output, computes the launch arguments and launches it")  # fmt: skip
 
 
+# fmt: off
+BUG_HINTS.update({
+    PA_DRESSED: "compute the scores, the online softmax and the weighted sum of V inside the @triton.jit kernel; the "
+    "wrapper only allocates, computes launch arguments and launches.",
+    PA_NOT_TRITON: "define a @triton.jit kernel and launch it from paged_attention with kernel[grid](...).",
+    PA_SCALE: "scores are (k . q) * scale with the `scale` argument (not 1, not 1/sqrt(head_dim) unless that is "
+    "what was passed, and only once).",
+    PA_CAUSAL: "query r of a sequence sits at position seq_len - q_len + r and sees keys j <= that position: an "
+    "off-by-one passes decode and fails verify / prefill.",
+    PA_NO_CAUSAL: "mask on absolute positions: query at position pos sees keys j <= pos only (in a verify step the "
+    "drafts after it are already in the cache).",
+    PA_QPOS: "the absolute position of query r is seq_len - q_len + r (the cached prefix comes first).",
+    PA_GQA: "query head h reads KV head h // (Hq / Hkv): consecutive query heads share a KV head.",
+    PA_WINDOW: "sliding window W: query at pos sees keys pos - W < j <= pos, i.e. W keys, from max(pos - W + 1, 0).",
+    PA_WINDOW_IGNORED: "apply the window to every tile (mask j > pos - window), not only to where the loop starts.",
+    PA_TABLE: "every key needs its own block: block = table[kpos // BLOCK_SIZE], slot kpos % BLOCK_SIZE.",
+    PA_NAN: "mask every K/V load with the visible-key mask (other=0): masked-off lanes must not read freed blocks or "
+    "block 0 through a masked table load.",
+    PA_ONLINE: "online softmax across tiles: m_new = max(m, max(s)); acc and l are rescaled by exp(m - m_new) before "
+    "adding the new tile.",
+    PA_NORM: "the output is acc / l: divide by the softmax denominator at the end.",
+    PA_PRECISION: "load q, K, V as fp32 (.to(tl.float32)) and keep m, l and acc in fp32.",
+    PA_HEAD_DIM: "a head dim D that is not a power of two is padded to D_PAD: mask d < HEAD_D on every q / K / V load "
+    "and on the store.",
+    PA_MAX_INIT: "start the running max m at -inf: with m = 0, exp(s - m) underflows when every score is very "
+    "negative and l ends at 0.",
+    PA_STRIDES: "address q, out and the pools with the strides the wrapper passes (stride_kh, not HEAD_D): a view "
+    "of a fused buffer is not contiguous.",
+})
+# fmt: on
+
+
 @test(PA, "write the kernel in Triton: a @triton.jit function that paged_attention launches with kernel[grid](...); "
       "the wrapper only allocates (torch.empty...), computes the launch arguments (strides, triton.cdiv, "
       "repeat_interleave ...) and launches; all the attention math lives in the kernel.", bug=PA_DRESSED,
@@ -1838,6 +1949,30 @@ DD_VOCAB = "mean over the vocabulary"
 DD_DETACHED = "detached graph"
 DD_FROZEN = "target not frozen"
 DD_ACCEPT = "acceptance too low"
+
+
+# fmt: off
+BUG_HINTS.update({
+    DD_REVERSE_KL: "the loss is the cross-entropy with the TARGET's probabilities, -sum_x p(x) log q(x) (forward, "
+    "mass-covering); KL(q || p) is mode-seeking and trains a drafter that p accepts less often.",
+    DD_FORWARD_KL: "use the cross-entropy -sum p log q (it differs from KL(p || q) by the target's entropy).",
+    DD_LABEL: "step j at position p is scored against teacher row p + j - 1 (the distribution of token p + j).",
+    DD_LABEL_BACK: "step j at position p is scored against teacher row p + j - 1.",
+    DD_HARD: "the labels are the target's full distributions (teacher rows), not the sampled tokens.",
+    DD_TOKEN: "step j at position p reads the embedding of token x[p + j - 1]: the input advances with j.",
+    DD_TOKEN_SHIFT: "step j at position p reads token x[p + j - 1] (step 1 reads x[p]).",
+    DD_HIDDEN: "step j > 1 reads the drafter's own previous hidden output, as at inference.",
+    DD_SUM: "average the per-step losses over j = 1..k.",
+    DD_POSITIONS: "average over the valid positions only: p >= 1 and p + j - 1 <= S - 1.",
+    DD_CONTEXT: "the drafter at position p sees the target's K/V at positions < p (DraftDenseContext with qpos = p).",
+    DD_HIDDEN0: "step 1 at position p reads the target's final hidden state at p - 1 (zeros at p = 0).",
+    DD_VOCAB: "the cross-entropy SUMS over the vocabulary: -sum_x p(x) log q(x).",
+    DD_DETACHED: "keep the graph: no .detach(), .item(), torch.no_grad() or re-wrapped hidden state between steps "
+    "(the target's outputs may be detached, the drafter's may not).",
+    DD_FROZEN: "compute the target's outputs under torch.no_grad() (teacher() does) and never pass its parameters to "
+    "the optimizer.",
+})
+# fmt: on
 
 
 @test(DD, "write the loss yourself: import nothing from minimtp but minimtp.attention (DraftDenseContext), "

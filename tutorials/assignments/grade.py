@@ -1949,6 +1949,7 @@ DD_VOCAB = "mean over the vocabulary"
 DD_DETACHED = "detached graph"
 DD_FROZEN = "target not frozen"
 DD_ACCEPT = "acceptance too low"
+DD_TRAIN = "train() worse than the given loop"
 
 
 # fmt: off
@@ -1969,6 +1970,8 @@ BUG_HINTS.update({
     DD_VOCAB: "the cross-entropy SUMS over the vocabulary: -sum_x p(x) log q(x).",
     DD_DETACHED: "keep the graph: no .detach(), .item(), torch.no_grad() or re-wrapped hidden state between steps "
     "(the target's outputs may be detached, the drafter's may not).",
+    DD_TRAIN: "train() may change the hyper-parameters but must train as well as the given loop: zero the "
+    "gradients every step (opt.zero_grad()), train every draft step (k >= 2), step the optimizer.",
     DD_FROZEN: "compute the target's outputs under torch.no_grad() (teacher() does) and never pass its parameters to "
     "the optimizer.",
 })
@@ -2227,6 +2230,7 @@ def check_acceptance_after_training(mod, heldout: torch.Tensor, drafter_seed: in
     drafter = trained if trained is not None else drafter
     dt = time.perf_counter() - t0
     a1, a2 = _alphas(target, drafter.eval(), heldout)
+    vars(mod).setdefault("__grader_trained__", {})[id(heldout)] = (a1, a2)
     info = f"alpha_1 {before[0]:.3f} -> {a1:.3f}, alpha_2 {before[1]:.3f} -> {a2:.3f}, training {dt:.1f}s"
     check(a1 >= MIN_ALPHA1 and a2 >= MIN_ALPHA2, DD_ACCEPT,
           f"{info}: need alpha_1 >= {MIN_ALPHA1} and alpha_2 >= {MIN_ALPHA2}")  # fmt: skip
@@ -2235,9 +2239,54 @@ def check_acceptance_after_training(mod, heldout: torch.Tensor, drafter_seed: in
 
 @test(DD, f"after train(), exact acceptance (sampled drafts, T = 1) on held-out target samples must reach "
       f"alpha_1 >= {MIN_ALPHA1} (draft step 1) and alpha_2 >= {MIN_ALPHA2} (step 2). Check the loss first; then "
-      "steps, learning rate and batch size.", points=40, bug=DD_ACCEPT)  # fmt: skip
+      "steps, learning rate and batch size.", points=30, bug=DD_ACCEPT)  # fmt: skip
 def acceptance_after_training(mod):
     return check_acceptance_after_training(mod, _distil_setup()["heldout"])
+
+
+TRAIN_SLACK = 0.01  # the acceptance train() may lose against the given loop
+
+
+def _given_train(mod, target, drafter, data, steps=150, batch=16, lr=3e-3, k=2):
+    """The skeleton's train() (given to every student), run with the file's own teacher() and distill_loss()."""
+    g = torch.Generator().manual_seed(0)
+    teach = mod.teacher(target, data)
+    opt = torch.optim.Adam(drafter.parameters(), lr=lr)
+    drafter.train()
+    for _ in range(steps):
+        idx = torch.randint(0, data.shape[0], (batch,), generator=g)
+        t_prob, t_hidden, kv = teach
+        rows = (t_prob[idx], t_hidden[idx], {t: (kk[idx], vv[idx]) for t, (kk, vv) in kv.items()})
+        loss = mod.distill_loss(target, drafter, data[idx], rows, k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return drafter.eval()
+
+
+def check_train_vs_given(mod, heldout: torch.Tensor, drafter_seed: int = 3) -> str:
+    """train() may change the hyper-parameters, but must do at least as well as the given loop with the same loss:
+    a training loop that never zeroes the gradients, or trains draft step 1 only, falls short."""
+    st = _distil_setup()
+    target = st["target"]
+    trained = vars(mod).get("__grader_trained__", {})  # what the acceptance test measured on this held-out set
+    if id(heldout) not in trained:
+        with contextlib.suppress(Failure):
+            check_acceptance_after_training(mod, heldout, drafter_seed)
+    a1, a2 = vars(mod)["__grader_trained__"][id(heldout)]
+    g1, g2 = _alphas(target, _given_train(mod, target, _fresh_drafter(drafter_seed), st["train"].clone()), heldout)
+    info = f"your train(): alpha_1 {a1:.3f}, alpha_2 {a2:.3f}; the given loop with your loss: {g1:.3f}, {g2:.3f}"
+    check(a1 >= g1 - TRAIN_SLACK and a2 >= g2 - TRAIN_SLACK, DD_TRAIN,
+          f"{info}: train() must reach at least the given loop's acceptance (minus {TRAIN_SLACK}) on every draft "
+          "step")  # fmt: skip
+    return info
+
+
+@test(DD, "train() may change the steps, learning rate or batch size, but must train every draft step as well as "
+      "the given loop does with your loss (zero the gradients every step, call distill_loss with k >= 2, step the "
+      "optimizer).", points=10, bug=DD_TRAIN)  # fmt: skip
+def train_as_good_as_the_given_loop(mod):
+    return check_train_vs_given(mod, _distil_setup()["heldout"])
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -315,7 +315,9 @@ def register(G) -> None:
     def _(mod, seed):
         G.loss_has_gradients(mod)
 
-    @hidden(DD, hint(DD, "acceptance_after_training"), points=40, bug=G.DD_ACCEPT, name="acceptance_after_training")
+    _heldout: dict = {}
+
+    @hidden(DD, hint(DD, "acceptance_after_training"), points=30, bug=G.DD_ACCEPT, name="acceptance_after_training")
     def _(mod, seed):
         st = G._distil_setup()
         g = gen(seed)
@@ -323,5 +325,11 @@ def register(G) -> None:
         starts = [[int(t)] for t in torch.randint(2, target.config.vocab_size, (32,), generator=g)]
         res = st["engine"].generate(starts, max_new_tokens=15, temperature=1.0, seed=rint(g, 3, 10**6),
                                     stop_token_ids=[])  # fmt: skip
-        heldout = torch.tensor([a + b for a, b in zip(starts, res.tokens)])
+        heldout = _heldout["last"] = torch.tensor([a + b for a, b in zip(starts, res.tokens)])
         return G.check_acceptance_after_training(mod, heldout)
+
+    @hidden(DD, hint(DD, "train_as_good_as_the_given_loop"), points=10, bug=G.DD_TRAIN,
+            name="train_as_good_as_the_given_loop")  # fmt: skip
+    def _(mod, seed):
+        heldout = _heldout.get("last", G._distil_setup()["heldout"])  # the acceptance test's, just before
+        return G.check_train_vs_given(mod, heldout)

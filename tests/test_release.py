@@ -247,12 +247,6 @@ def _grader_file(rel: Path) -> bool:
     return parts[:2] == ("tutorials", "assignments") and (len(parts) == 3 or parts[2] not in ASSIGNMENTS)
 
 
-# The public grader still computes the distillation loss itself (grade.py's _ref_loss and _alphas): the grader's
-# owner moves that out of the public files (reference values, or the hidden suite). Until then this one known
-# leak is reported as xfail; a leak anywhere else, or of another assignment, fails.
-KNOWN_GRADER_LEAKS = {"distil_drafter"}
-
-
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)
 def test_release_contains_no_solution_lines(release, assignment):
     lines = distinctive_lines(assignment)
@@ -266,8 +260,6 @@ def test_release_contains_no_solution_lines(release, assignment):
         hits = [line for line in lines if line in text]
         if hits:
             leaks[f.relative_to(release).as_posix()] = hits
-    if leaks and assignment in KNOWN_GRADER_LEAKS and all(_grader_file(Path(f)) for f in leaks):
-        pytest.xfail(f"known: the public grader holds {assignment}'s answer: {leaks}")
     assert not leaks, f"the release contains lines of the {assignment} solution: {leaks}"
 
 

@@ -1,4 +1,4 @@
-"""The design rule, checked: one single-path reference, its twins beside it (docs: architecture).
+"""The design rule, checked: one single-path reference, its twins beside it (docs: reference-and-twins).
 
 * the reference modules mention no fast-path machinery (fused / prepacked / quantized matmuls, version counters)
   and import nothing from the twins (the two backend switches load a Triton kernel on request only);

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimtp.fast.onednn import weight_version
+from minimtp.fast.swap import swap_
 from minimtp.model import MLP, Attention, RMSNorm, apply_rope, gelu
 
 
@@ -45,10 +46,7 @@ class FusedAttention(nn.Module):
             setattr(self, name, child)
         for name in ("layer_idx", "layer_type", "nh", "kvh", "d", "window", "has_kv", "k_eq_v"):
             setattr(self, name, getattr(attn, name))
-        self.qkv, self.sizes = (
-            qkv,
-            [self.nh * self.d] + ([self.kvh * self.d] * (2 - self.k_eq_v) if self.has_kv else []),
-        )
+        self.qkv = qkv  # a PackedLinear.over the projections: its ``sizes`` split the outputs
         self._head_w = (None, None)  # (norm weight versions, weights): derived, not a parameter or buffer
 
     def forward(self, x: torch.Tensor, rope: tuple, ctx) -> torch.Tensor:
@@ -57,7 +55,7 @@ class FusedAttention(nn.Module):
             q, k, v = self._qkv_heads(x, cos, sin)
             ctx.store(self.layer_idx, k, v)
         else:  # one matmul, then the reference's norms and RoPE
-            proj = self.qkv(x).split(self.sizes, dim=-1)
+            proj = self.qkv(x).split(self.qkv.sizes, dim=-1)
             q = apply_rope(self.q_norm(proj[0].view(T, self.nh, self.d)), cos, sin)
             if self.has_kv:  # K = V: v is the raw k
                 k = proj[1].view(T, self.kvh, self.d)
@@ -99,11 +97,4 @@ class FusedMLP(nn.Module):
 
 def fuse_norms_(module: nn.Module) -> int:
     """Replace every :class:`RMSNorm` inside ``module`` by its :class:`FusedRMSNorm` twin, in place."""
-    n = 0
-    for name, child in list(module.named_children()):
-        if type(child) is RMSNorm:
-            setattr(module, name, FusedRMSNorm(child))
-            n += 1
-        else:
-            n += fuse_norms_(child)
-    return n
+    return swap_(module, lambda m: FusedRMSNorm(m) if type(m) is RMSNorm else None)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimtp.fast.swap import swap_
+
 
 def _has_kernel() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -73,13 +75,10 @@ class Int8Unembedding(nn.Module):
 def quantize_int8_(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> nn.Module:
     """Replace every ``nn.Linear`` inside ``module`` (but those in ``skip``) by an :class:`Int8Linear`, in place.
     Returns the module."""
-    for name, child in list(module.named_children()):
-        if any(child is s for s in skip):
-            continue
-        if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child.weight, child.bias))
-        elif not isinstance(child, Int8Linear):
-            quantize_int8_(child, skip)
+    quantize = lambda m: (
+        Int8Linear(m.weight, m.bias) if isinstance(m, nn.Linear) and not any(m is s for s in skip) else None
+    )
+    swap_(module, quantize)
     return module
 
 

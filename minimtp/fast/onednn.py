@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimtp.fast.swap import swap_
+
 
 def available(weight: torch.Tensor) -> bool:
     """True for a bfloat16 CPU weight when this torch build has oneDNN with bfloat16 support."""
@@ -106,11 +108,6 @@ class PackedUnembedding(nn.Module):
 def prepack_(module: nn.Module) -> int:
     """Replace every bfloat16 CPU ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`, in place (packing
     happens on a module's first call, so a linear that is never called costs no memory). Returns the count."""
-    n = 0
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear and available(child.weight):
-            setattr(module, name, PackedLinear.from_linear(child))
-            n += 1
-        elif not isinstance(child, PackedLinear):
-            n += prepack_(child)
-    return n
+    return swap_(
+        module, lambda m: PackedLinear.from_linear(m) if type(m) is nn.Linear and available(m.weight) else None
+    )

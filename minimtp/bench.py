@@ -311,7 +311,7 @@ def main(argv=None) -> int:
 
     from minimtp.errors import MinimtpError
     from minimtp.fast import weights_dtype
-    from minimtp.generate import _checkpoint_dtype, load_pair, load_tokenizer
+    from minimtp.generate import load_pair, load_tokenizer
 
     try:
         torch.set_flush_denormal(True)
@@ -321,9 +321,9 @@ def main(argv=None) -> int:
         if asst_dir is None:
             print("error: --assistant DIR is required with --model", file=sys.stderr)
             return 2
-        dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
         tok = load_tokenizer(model_dir)
         target, assistant, engine = load_pair(model_dir, asst_dir, args)
+        dtype = weights_dtype(target)  # what --dtype resolved to
         ks = [int(x) for x in args.ks.split(",")]
         kinds = args.prompts.split(",")
         unknown = [k for k in kinds if k not in PROMPTS]

@@ -323,7 +323,7 @@ def test_public_loss_table_matches_the_mistakes():
     be what the hidden suite's implementation of each mistake computes on the public inputs."""
     import torch
 
-    assert grader.load_hidden() and grader.LOSS_VARIANT is not None
+    assert grader.load_hidden() and grader.distil_drafter.LOSS_VARIANT is not None
     x, seed = grader._public_loss_inputs()
     target = grader._distil_setup()["target"]
     drafter = grader._fresh_drafter(seed)
@@ -331,7 +331,7 @@ def test_public_loss_table_matches_the_mistakes():
     with torch.no_grad():
         for name, vals in grader.PUBLIC_LOSS_TABLE.items():
             for k, v in zip(grader.PUBLIC_LOSS_KS, vals):
-                got = float(grader.LOSS_VARIANT(target, drafter, x, k, name))
+                got = float(grader.distil_drafter.LOSS_VARIANT(target, drafter, x, k, name))
                 assert abs(got - v) <= 2e-5 * abs(v), (name, k, got, v)
         for k in grader.PUBLIC_LOSS_KS:  # the library's loss is the definition (no switch set)
             ref = float(grader._reference_loss(target, drafter, x, k))

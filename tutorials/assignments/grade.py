@@ -63,8 +63,8 @@ from grading import (  # noqa: E402
 
 
 def __getattr__(name: str):
-    """Every other name of the grader (``grader.TESTS``, ``grader.Failure``, ``grader.LOSS_VARIANT``...) is the
-    grading package's, read when asked (so a name the hidden suite sets there is seen here too)."""
+    """Every other name of the grader (``grader.TESTS``, ``grader.Failure``, ``grader.distil_drafter``...) is the
+    grading package's."""
     try:
         return getattr(grading, name)
     except AttributeError:

@@ -84,7 +84,9 @@ def register(G) -> None:
         G.DD_HIDDEN0: dict(hidden0=0),
         G.DD_VOCAB: dict(vocab="mean"),
     }
-    G.LOSS_VARIANT = lambda target, drafter, x, k, name: loss_variant(target, drafter, x, k, **mistakes[name])
+    G.distil_drafter.LOSS_VARIANT = lambda target, drafter, x, k, name: loss_variant(
+        target, drafter, x, k, **mistakes[name]
+    )
 
     def hidden(assignment, hint, points=0, bug="", gate=False, chi2=0, name=None):
         return G.test(assignment, hint, points=points, bug=bug, gate=gate, chi2=chi2, name=name, registry=G.HIDDEN,

@@ -5,11 +5,10 @@ from the syntax tree; ``stats``: χ² tests; then the tests of each assignment, 
 (the registration order defines the order of the tests and of the points tables).
 
 The package is the grader the hidden suite registers on (``hidden_suite.register(G)``, G this package): it holds
-every name of every module, and a name set on it (the hidden suite sets ``LOSS_VARIANT``) is set in the module that
-defines it, so the code that reads it sees it.
+every name of every module (read-only copies: a module's own state is set on the module, e.g.
+``G.distil_drafter.LOSS_VARIANT``).
 """
 
-import sys
 import types
 
 # The import order is the registration order of the assignments and of their tests (reports, points tables).
@@ -28,14 +27,3 @@ for _m in MODULES:
         {k: v for k, v in vars(_m).items() if not k.startswith("__") and not isinstance(v, types.ModuleType)}
     )
 del _m
-
-
-class _Grader(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        for m in MODULES:
-            if name in vars(m):
-                setattr(m, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Grader

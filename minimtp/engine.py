@@ -22,68 +22,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from minimtp.attention import DraftPagedContext, PagedContext, get_attention_backend
-from minimtp.errors import CompatibilityError, GenerationError
+from minimtp.controls import NO_CONTROLS, Controls, Penalties, make_controls
+from minimtp.errors import CompatibilityError, GenerationError, MinimtpError
+from minimtp.grammar import grammar_source
 from minimtp.kv_cache import KVCache
 from minimtp.sampling import SamplingParams, draw_exponentials, draw_uniforms, make_generators, process_logits, sample
-
-
-@dataclass
-class Stats:
-    """Counters of one run (or one sequence). ``mean_acceptance_length`` = 1 + accepted / draft rounds (as vLLM)."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    target_steps: int = 0  # target forward passes after prefill (one per round)
-    prefill_steps: int = 0
-    draft_rounds: int = 0  # rounds with at least one draft
-    drafted: int = 0
-    accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    drafted_per_position: list[int] = field(default_factory=list)
-    ttft_s: float = 0.0
-    elapsed_s: float = 0.0
-    draft_s: float = 0.0  # wall time in assistant steps (for the cost ratio c of the speedup model)
-    verify_s: float = 0.0  # wall time in target forwards after prefill
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.draft_rounds if self.draft_rounds else 1.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def per_position_acceptance(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
-
-    def count_round(self, k: int, n: int, forward: bool = True) -> None:
-        """One sequence's round: k drafts, n accepted; ``forward`` counts a target forward pass."""
-        self.target_steps += int(forward)
-        if k:
-            self.draft_rounds += 1
-            self.drafted += k
-            self.accepted += n
-            grow = [0] * (k - len(self.drafted_per_position))
-            self.drafted_per_position += grow
-            self.accepted_per_position += grow
-            for j in range(k):
-                self.drafted_per_position[j] += 1
-                self.accepted_per_position[j] += int(j < n)
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items()}
-        d.update(
-            acceptance_rate=self.acceptance_rate,
-            mean_acceptance_length=self.mean_acceptance_length,
-            tokens_per_second=self.tokens_per_second,
-            per_position_acceptance=self.per_position_acceptance,
-        )
-        return d
+from minimtp.stats import Stats
+from minimtp.stop_strings import StopStrings, check_stop_strings
 
 
 @dataclass
@@ -92,6 +37,9 @@ class GenerationResult:
     finish_reasons: list[str]  # "stop" | "length" | "context"
     stats: Stats
     seq_stats: list[Stats]
+    texts: list[str] | None = None  # the continuations, cut at a stop string (when the engine has a tokenizer)
+    stop_reasons: list = field(default_factory=list)  # the stop token id or stop string that ended each, else None
+    healed_prompts: list[list[int]] | None = None  # the prompts as run, with token healing (last token removed)
 
 
 @dataclass
@@ -103,6 +51,7 @@ class _Seq:
     pending: int = -1  # emitted token at position cache_len, not yet run through the target
     hidden: torch.Tensor | None = None  # target hidden state at cache_len - 1
     done: str | None = None
+    stop_reason: int | str | None = None
     stats: Stats = field(default_factory=Stats)
 
 
@@ -119,6 +68,12 @@ class _Run:
     max_new: int
     stats: Stats
     on_tokens: Callable | None = None
+    controls: list[Controls] = field(default_factory=list)  # one per prompt (penalties, grammar, token healing)
+    stop_strings: list[StopStrings | None] = field(default_factory=list)  # one per prompt
+
+    @property
+    def controlled(self) -> bool:
+        return any(c.active for c in self.controls)
 
     @property
     def sampled_drafts(self) -> bool:
@@ -148,6 +103,7 @@ class Engine:
     """
 
     draft_context = DraftPagedContext  # how the assistant reads the cache (attention.AttentionContext)
+    process_logits = staticmethod(process_logits)  # logits -> the processed distribution p (sampling.py)
 
     def __init__(
         self,
@@ -159,8 +115,9 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         draft_mode: str = "argmax",
+        tokenizer=None,
     ):
-        self.target, self.assistant = target, assistant
+        self.target, self.assistant, self._tokenizer = target, assistant, tokenizer
         self.cfg = target.config
         self.attention = get_attention_backend(attention_backend)
         self.verify, self.verify_greedy = _verify_backends(verify_backend)
@@ -175,6 +132,27 @@ class Engine:
             check_pair(self.cfg, assistant.config)
         self.dtype = target.model.embed_tokens.weight.dtype
         self.device = target.model.embed_tokens.weight.device
+
+    @property
+    def tokenizer(self):
+        """The tokenizer given, else the one in the target's checkpoint directory (for stop strings, grammars and
+        token healing; token ids alone need none)."""
+        if self._tokenizer is None:
+            path = getattr(self.target, "name_or_path", None)
+            if path is None:
+                raise GenerationError(
+                    "stop strings, grammars and token healing need a tokenizer: Engine(..., tokenizer=)"
+                )
+            from minimtp.generate import load_tokenizer
+
+            self._tokenizer = load_tokenizer(path)
+        return self._tokenizer
+
+    def _optional_tokenizer(self):
+        try:
+            return self.tokenizer
+        except MinimtpError:  # in-memory models and directories without tokenizer.json decode no text
+            return None
 
     @property
     def default_num_speculative_tokens(self) -> int:
@@ -215,20 +193,39 @@ class Engine:
         top_k: int | None = None,
         top_p: float | None = None,
         min_p: float | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         stop_token_ids=None,
         draft_mode: str | None = None,
         use_assistant: bool = True,
         on_tokens=None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        stop: str | list[str] | None = None,
+        include_stop_str_in_output: bool = False,
+        json_schema=None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        token_healing: bool = False,
     ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` for each prompt (a list of token-id lists).
 
-        ``temperature=0`` is greedy. Stops at any of ``stop_token_ids`` (default: the model's EOS ids), at
-        ``max_new_tokens`` or at the context limit; tokens accepted past a stop are trimmed. ``on_tokens(i, ids)``
-        is called as tokens of prompt i are accepted (streaming)."""
+        ``temperature=0`` is greedy. Stops at any of ``stop_token_ids`` (default: the model's EOS ids), at a
+        ``stop`` string, at ``max_new_tokens`` or at the context limit; tokens accepted past a stop are trimmed.
+        ``seed``: one int, or one per prompt. Penalties, a grammar (one of ``json_schema``, ``regex``, ``grammar``)
+        and ``token_healing`` change p itself, row by row (docs: concepts/controls). ``on_tokens(i, ids)`` is
+        called as tokens of prompt i are accepted (streaming)."""
         t0 = time.perf_counter()
         prompts = self._check_prompts(prompts)
         params = SamplingParams(temperature, top_k, top_p, min_p).validate()
+        pen = Penalties(*(d if v is None else v for v, d in ((repetition_penalty, 1.0), (presence_penalty, 0.0),
+                                                             (frequency_penalty, 0.0)))).validate()  # fmt: skip
+        stop_strs, source = check_stop_strings(stop), grammar_source(json_schema, regex, grammar)
+        controls, healed = [NO_CONTROLS] * len(prompts), [""] * len(prompts)
+        if source is not None or token_healing or pen.active:
+            tok = self.tokenizer if source is not None or token_healing else None
+            made = make_controls(prompts, tok, self.cfg.vocab_size, self.cfg.eos_token_ids, pen, source, token_healing)
+            prompts, controls, healed = (list(x) for x in zip(*made))
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
         k = self.default_num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
@@ -245,6 +242,10 @@ class Engine:
         stops = set(self.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
         gens = make_generators(seed, len(prompts))
         run = _Run(cache, params, k, mode, gens, stops, max_new_tokens, Stats(sum(lens), prefill_steps=1), on_tokens)
+        run.controls = controls
+        tok = self.tokenizer if stop_strs else self._optional_tokenizer()
+        run.stop_strings = [StopStrings(tok, stop_strs, include_stop_str_in_output, h) if stop_strs else None
+                            for h in healed]  # fmt: skip
         seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
         self._prefill(run, seqs)
         run.stats.ttft_s = time.perf_counter() - t0
@@ -254,7 +255,15 @@ class Engine:
         run.stats.generated_tokens = sum(len(s.out) for s in seqs)
         for s in seqs:
             s.stats.ttft_s, s.stats.elapsed_s = run.stats.ttft_s, run.stats.elapsed_s
-        return GenerationResult([s.out for s in seqs], [s.done for s in seqs], run.stats, [s.stats for s in seqs])
+        texts = None
+        if tok is not None:
+            texts = [
+                (st or StopStrings(tok, [], prefix=h)).cut(s.out) for s, st, h in zip(seqs, run.stop_strings, healed)
+            ]
+        res = GenerationResult([s.out for s in seqs], [s.done for s in seqs], run.stats, [s.stats for s in seqs], texts)
+        res.stop_reasons = [s.stop_reason for s in seqs]
+        res.healed_prompts = prompts if token_healing else None
+        return res
 
     def _prefill(self, run: _Run, seqs: list[_Seq]) -> None:
         """Every prompt in one packed forward; the first token from the last row of each."""
@@ -262,7 +271,8 @@ class Engine:
             run.cache.add(s.idx)
         out, cu = self._target_forward(run, seqs, [s.prompt for s in seqs])
         rows = [c - 1 for c in cu[1:]]
-        for s, r, t in zip(seqs, rows, self._pick(run, out.logits[rows])):
+        logits = _controlled(run, seqs, out.logits[rows][:, None], [[]] * len(seqs), 0, [1] * len(seqs))[:, 0]
+        for s, r, t in zip(seqs, rows, self._pick(run, logits)):
             s.cache_len, s.hidden, s.stats.prompt_tokens = len(s.prompt), out.hidden[r], len(s.prompt)
             run.cache.trim_window(s.idx, s.cache_len)
             self._emit(run, s, [t])
@@ -281,12 +291,13 @@ class Engine:
         run.stats.draft_s += t1 - t0
         run.stats.verify_s += time.perf_counter() - t1
         logits = pad_sequence(list(out.logits.split([kb + 1 for kb in ks])), batch_first=True)  # [B, K+1, V]
+        logits = _controlled(run, active, logits, drafts_l, 0, [kb + 1 for kb in ks])  # row j: after d_1..d_j
         num_drafts = torch.tensor(ks, dtype=torch.long)
         if run.params.is_greedy:
             ids, n_emit = self.verify_greedy(logits, drafts, num_drafts)
         else:
             g, V = [run.gens[s.idx] for s in active], logits.shape[-1]
-            probs = process_logits(logits.view(B * (K + 1), V), run.params).view(B, K + 1, V)
+            probs = self.process_logits(logits.view(B * (K + 1), V), run.params).view(B, K + 1, V)
             u = draw_uniforms(g, run.k)[:, :K]  # k draws whatever the round's K: streams independent of batchmates
             ids, n_emit = self.verify(probs, drafts, q, num_drafts, u, draw_exponentials(g, V))
         ids_l, n_l = ids.tolist(), n_emit.tolist()
@@ -324,8 +335,10 @@ class Engine:
         drafts, qs = [], []
         for j in range(max(ks)):
             logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
+            made = torch.stack(drafts, 1).tolist() if drafts else [[]] * len(seqs)  # step j follows d_1..d_j
+            logits = _controlled(run, seqs, logits[:, None], made, j, [int(kb > j) for kb in ks])[:, 0]
             if run.sampled_drafts:
-                q = process_logits(logits, run.params)
+                q = self.process_logits(logits, run.params)
                 # only sequences that use step j draw from their generator: a sequence's random stream never
                 # depends on its batchmates (the others get dummy noise; their step-j drafts are discarded)
                 noise = torch.ones_like(q)
@@ -341,16 +354,19 @@ class Engine:
     def _pick(self, run: _Run, logits: torch.Tensor) -> list[int]:
         if run.params.is_greedy:
             return logits.argmax(-1).tolist()
-        probs = process_logits(logits, run.params)
+        probs = self.process_logits(logits, run.params)
         return sample(probs, draw_exponentials(run.gens, probs.shape[-1])).tolist()
 
     def _emit(self, run: _Run, s: _Seq, toks: list[int]) -> None:
         """Append emitted tokens, trimming at the first stop token / the budget."""
-        new = []
+        new, stop_strings = [], run.stop_strings[s.idx] if run.stop_strings else None
         for t in toks:
             new.append(t)
             if t in run.stops:
-                s.done = "stop"
+                s.done, s.stop_reason = "stop", t
+                break
+            if stop_strings is not None and (hit := stop_strings.find(stop_strings.text(s.out + new))):
+                s.done, s.stop_reason = "stop", hit[1]
                 break
             if len(s.out) + len(new) >= run.max_new:
                 s.done = "length"
@@ -362,6 +378,20 @@ class Engine:
             s.done = "context"
         if run.on_tokens is not None and new:
             run.on_tokens(s.idx, new)
+
+
+def _controlled(run: _Run, seqs: list[_Seq], logits: torch.Tensor, drafts: list[list[int]], first: int, rows):
+    """logits [B, R, V]; row r of sequence b follows its emitted tokens and drafts[b][:first + r], for r < rows[b]
+    (later rows are padding). Returns them with each sequence's controls applied (controls.py)."""
+    if not run.controlled:
+        return logits
+    x = logits.double() if logits.dtype == torch.float64 else logits.float()
+    for b, s in enumerate(seqs):
+        if rows[b]:
+            x[b, : rows[b]] = run.controls[s.idx](
+                x[b, : rows[b]], [s.out + drafts[b][: first + r] for r in range(rows[b])]
+            )
+    return x
 
 
 def _check_draft_mode(mode: str) -> str:

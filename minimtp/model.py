@@ -331,4 +331,5 @@ def load_target(path, dtype=torch.float32, device="cpu") -> Gemma4:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     weights = load_weights(path, expected, dtype=dtype, device=device)
     model.load_state_dict(weights, assign=True, strict=True)
+    model.name_or_path = path  # where the tokenizer is (as transformers' config.name_or_path)
     return model.eval().requires_grad_(False)

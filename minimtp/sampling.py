@@ -14,10 +14,11 @@ by token id, lowest first (transformers keeps whichever its unstable sort put fi
 deterministic on every device.
 
 Randomness is passed in, never drawn inside: `draw_uniforms` / `draw_exponentials` use one CPU
-`torch.Generator` per sequence (`make_generators`), so a sequence's tokens depend only on its own seed,
-never on which other sequences share the batch - provided the caller draws the same count for it whatever
-the batch (e.g. k = the configured number of drafts, not the batch's current maximum). `sample` is the exponential race
-argmax_i p_i / E_i with E_i ~ Exp(1), which picks i with probability p_i / sum(p) and needs no normalisation.
+`torch.Generator` per sequence (`make_generators`: independent streams spawned by `numpy.random.SeedSequence`),
+so a sequence's tokens depend only on its own seed, never on which other sequences share the batch - provided the
+caller draws the same count for it whatever the batch (e.g. k = the configured number of drafts, not the batch's
+current maximum). `sample` is the exponential race argmax_i p_i / E_i with E_i ~ Exp(1), which picks i with
+probability p_i / sum(p) and needs no normalisation.
 """
 
 from __future__ import annotations
@@ -175,17 +176,38 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------------------
 
 
-def make_generators(seed: int | None, n: int) -> list[torch.Generator]:
-    """One CPU generator per sequence, seeded seed + i; seed None => a fresh nondeterministic seed each."""
+def make_generators(seed: int | list[int] | None, n: int) -> list[torch.Generator]:
+    """One CPU generator per sequence, with statistically independent streams.
+
+    ``seed`` an int s: sequence i gets the i-th child of ``numpy.random.SeedSequence(s)``, so (s, i) and
+    (s', i') give unrelated streams whenever (s, i) != (s', i') - seed s + 1 does NOT replay seed s's streams
+    shifted by one. A list of n ints: sequence i gets the first child of ``SeedSequence(seed[i])``, the stream
+    that sequence 0 of ``seed=seed[i]`` gets, so a prompt's tokens do not depend on the batch it is in.
+    None: a fresh nondeterministic seed each. Same seed, same tokens.
+    """
+    import numpy as np
+
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise GenerationError(f"seed is a list of {len(seed)} seeds for {n} prompts: expected one per prompt")
+        children = [np.random.SeedSequence(_check_seed(s)).spawn(1)[0] for s in seed]
+    elif seed is not None:
+        children = np.random.SeedSequence(_check_seed(seed)).spawn(n)
     gens = []
     for i in range(n):
         g = torch.Generator()
         if seed is None:
             g.seed()
-        else:
-            g.manual_seed(seed + i)
+        else:  # 63 bits of the child's state (manual_seed takes a non-negative int64)
+            g.manual_seed(int(children[i].generate_state(1, np.uint64)[0]) >> 1)
         gens.append(g)
     return gens
+
+
+def _check_seed(s) -> int:
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0:
+        raise GenerationError(f"seed={s!r} is invalid: expected an integer >= 0 (or a list of them, one per prompt)")
+    return int(s)
 
 
 def draw_uniforms(generators: list[torch.Generator], k: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ the exponential race, seeded generators, and refusing bad input."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -242,20 +243,36 @@ def test_seeded_reproducibility():
 
 
 def test_per_sequence_generators_make_batches_independent():
-    """Sequence i of a batch seeded s draws exactly what a lone sequence seeded s + i draws, so its tokens do
-    not depend on which other sequences share the batch."""
+    """Sequence i of a batch with per-prompt seeds [s_0, s_1, ...] draws exactly what a lone sequence seeded s_i
+    draws, so its tokens do not depend on which other sequences share the batch."""
     g = torch.Generator().manual_seed(0)
     probs = process_logits(torch.randn(3, 40, generator=g), SamplingParams(temperature=1.0))
-    batch = make_generators(100, 3)
+    batch = make_generators([100, 7, 100], 3)
     tokens = sample(probs, draw_exponentials(batch, 40))
     u_batch = draw_uniforms(batch, 4)
-    for i in range(3):
-        alone = make_generators(100 + i, 1)
+    for i, s in enumerate([100, 7, 100]):
+        alone = make_generators(s, 1)
         assert int(sample(probs[i : i + 1], draw_exponentials(alone, 40))[0]) == int(tokens[i])
         assert torch.equal(draw_uniforms(alone, 4)[0], u_batch[i])
-    # a batch with a different composition: sequence 100+2 first
-    other = [make_generators(100 + 2, 1)[0], make_generators(5, 1)[0]]
-    assert int(sample(probs[2:3].expand(2, 40), draw_exponentials(other, 40))[0]) == int(tokens[2])
+    # a batch with a different composition: seed 7 second, then first
+    other = make_generators([5, 7], 2)
+    assert int(sample(probs[1:2].expand(2, 40), draw_exponentials(other, 40))[1]) == int(tokens[1])
+
+
+def test_seeds_give_independent_streams():
+    """seed s, sequence i and seed s + 1, sequence i - 1 used to be the same stream (seed + i); now every
+    (seed, index) pair has its own. And a seed list must have one seed per prompt, each an integer >= 0."""
+    streams = {}
+    for seed in range(4):
+        for i, u in enumerate(draw_uniforms(make_generators(seed, 4), 8)):
+            streams[(seed, i)] = u
+    keys = list(streams)
+    for a in range(len(keys)):
+        for b in range(a + 1, len(keys)):
+            assert not torch.equal(streams[keys[a]], streams[keys[b]]), (keys[a], keys[b])
+    for bad, msg in (([1, 2], "2 seeds for 3 prompts"), (-1, "seed=-1"), ([0, 1.5, 2], "seed=1.5")):
+        with pytest.raises(GenerationError, match=re.escape(msg)):
+            make_generators(bad, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------

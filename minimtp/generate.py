@@ -32,11 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="drafts per round (default: the assistant's num_assistant_tokens, else 6)",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--generation-config",
+        default="minimtp",
+        help="auto: sampling defaults from the model's generation_config.json (flags still win); a directory: from "
+        "its generation_config.json; minimtp (default): greedy unless flags say otherwise",
+    )
+    p.add_argument("--repetition-penalty", type=float, default=None, help="transformers' definition (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's definition, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's definition, in [-2, 2]")
+    p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable); not printed")
+    p.add_argument("--include-stop-str-in-output", action="store_true", help="print the stop string too")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON Schema")
+    p.add_argument("--regex", help="constrain the output to this regular expression")
+    p.add_argument("--grammar", metavar="FILE", help="constrain the output to this Lark or GBNF grammar")
+    p.add_argument(
+        "--token-healing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="re-spell the prompt's last token (auto: on for the embedded model without a grammar)",
+    )
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's dtype)")
     p.add_argument(
         "--draft-dtype",
@@ -86,6 +106,68 @@ def draft_dtype(arg: str, target, reference: bool = False) -> str | None:
     w = target.model.embed_tokens.weight
     fast_cpu = not reference and w.device.type == "cpu"
     return "int8" if (fast_cpu and w.dtype in (torch.bfloat16, torch.float16)) else None
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def sampling_settings(args, model_dir: str) -> tuple[dict, str]:
+    """The sampling keywords for Engine.generate and a line saying where they came from: the flags, else (with
+    ``--generation-config auto`` or DIR) the model's ``generation_config.json`` (transformers' keys; vLLM's flag),
+    else greedy. ``do_sample: false`` there means greedy, as in transformers."""
+    from minimtp.errors import ConfigError
+
+    given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
+    found: dict = {}
+    if args.generation_config != "minimtp":
+        d = model_dir if args.generation_config == "auto" else args.generation_config
+        path = os.path.join(d, "generation_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                gc = json.load(f)
+        except FileNotFoundError:
+            gc = {} if args.generation_config == "auto" else None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot read the generation config ({e})") from None
+        if gc is None:
+            raise ConfigError(f"{path}: no such file (--generation-config takes auto, minimtp or a directory)")
+        found = {k: gc[k] for k in SAMPLING_KEYS if gc.get(k) is not None}
+        used = ", ".join(found)
+        if gc.get("do_sample") is False:
+            found, used = {"temperature": 0.0}, "do_sample=false"
+    settings = {**found, **given}
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "temperature" or v) or "greedy"
+    if settings.get("temperature", 0) == 0 and shown != "greedy":
+        shown = "greedy, " + shown
+    src = [f"{used} from generation_config.json"] if found else []
+    src += ["flags"] if given else []
+    return settings, f"[settings: {shown} ({'; '.join(src) or 'defaults'})]"
+
+
+def control_settings(args, embedded: bool) -> dict:
+    """Engine.generate keywords of the penalties, stops, grammar and token healing flags (files read here)."""
+    from minimtp.errors import GenerationError
+
+    def read(path, what):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise GenerationError(f"{path}: cannot read the {what} file ({e.strerror})") from None
+
+    kw = dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, regex=args.regex)
+    kw.update(stop=args.stop, include_stop_str_in_output=args.include_stop_str_in_output)
+    if args.json_schema:
+        text = read(args.json_schema, "JSON Schema")
+        try:
+            kw["json_schema"] = json.loads(text)
+        except ValueError as e:
+            raise GenerationError(f"{args.json_schema}: not valid JSON ({e})") from None
+    if args.grammar:
+        kw["grammar"] = read(args.grammar, "grammar")
+    constrained = any(kw.get(k) is not None for k in ("json_schema", "regex", "grammar"))
+    kw["token_healing"] = args.token_healing == "on" or (args.token_healing == "auto" and embedded and not constrained)
+    return kw
 
 
 def load_pair(model_dir: str, asst_dir: str | None, args):
@@ -206,35 +288,55 @@ def _run(args, torch) -> int:
     tok = load_tokenizer(model_dir)
     target, assistant, engine = load_pair(model_dir, asst_dir, args)
     ids = encode(tok, prompt, args.chat)
+    settings, settings_line = sampling_settings(args, model_dir)
+    controls = control_settings(args, embedded=args.model is None)
+    engine._tokenizer = tok
     generated: list[int] = []
     printed = [""]
+    hold = max((len(x) for x in args.stop or []), default=1) - 1  # text that may still become a stop string
+
+    def continuation(final: bool) -> str:
+        text = tok.decode(generated, skip_special_tokens=True)
+        if healed[0]:  # token healing: the first tokens re-spell the removed prompt text
+            text = text[len(healed[0]) :] if text.startswith(healed[0]) else ""
+        cut = min([i for x in args.stop or [] if (i := text.find(x)) >= 0], default=None)
+        if cut is not None:
+            return text[: cut + (len(next(x for x in args.stop if text.find(x) == cut)) if
+                                 args.include_stop_str_in_output else 0)]  # fmt: skip
+        return text if final or not hold else text[:-hold]
 
     def stream(_i, new):
         generated.extend(new)
-        text = tok.decode(generated, skip_special_tokens=True)
+        text = continuation(final=False)
         if text.startswith(printed[0]) and not text.endswith("\ufffd"):
             sys.stdout.write(text[len(printed[0]) :])
             sys.stdout.flush()
             printed[0] = text
 
+    healed = [""]
+    if controls["token_healing"] and len(ids) > 1:
+        healed[0] = tok.decode(ids[-1:], skip_special_tokens=True)
     res = engine.generate(
         [ids],
         max_new_tokens=args.max_new_tokens,
         num_speculative_tokens=args.num_speculative_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
         seed=args.seed,
         on_tokens=None if args.json else stream,
+        **settings,
+        **controls,
     )
+    if res.healed_prompts is not None and len(res.healed_prompts[0]) == len(ids):
+        healed[0] = ""  # nothing was healed (e.g. the prompt ended in a special token)
     s = res.stats
     if args.json:
         out = {
-            "text": tok.decode(res.tokens[0], skip_special_tokens=True),
+            "text": res.texts[0],
             "token_ids": res.tokens[0],
             "prompt_token_ids": ids,
             "finish_reason": res.finish_reasons[0],
+            "stop_reason": res.stop_reasons[0],
+            "settings": settings,
+            "token_healing": controls["token_healing"],
             "stats": {
                 "tokens_per_second": s.tokens_per_second,
                 "mean_acceptance_length": s.mean_acceptance_length,
@@ -253,9 +355,10 @@ def _run(args, torch) -> int:
         }
         print(json.dumps(out))
     else:
-        final = tok.decode(generated, skip_special_tokens=True)
+        final = continuation(final=True)
         sys.stdout.write(final[len(printed[0]) :] + "\n")
         sys.stdout.flush()
+        print(settings_line, file=sys.stderr)
         print(stats_line(s), file=sys.stderr)
     return 0
 

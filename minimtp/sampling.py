@@ -109,9 +109,13 @@ def apply_min_p(x: torch.Tensor, min_p: float) -> torch.Tensor:
     return x.masked_fill(p < min_p * p.amax(-1, keepdim=True), -math.inf)
 
 
-def _special_rows(x: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
-    """Slow path for rows whose max is not finite. NaN, or -inf everywhere, has no distribution: refuse it.
-    A row with +inf logits becomes 0 at the +inf tokens and -inf elsewhere (the limit of its softmax)."""
+def _as_float(logits: torch.Tensor) -> torch.Tensor:
+    """float32 (float64 stays float64). Rows whose max is not finite: NaN, or -inf everywhere, has no distribution:
+    refuse it. A row with +inf logits becomes 0 at the +inf tokens and -inf elsewhere (the limit of its softmax)."""
+    x = logits.double() if logits.dtype == torch.float64 else logits.float()
+    x_max = x.amax(-1, keepdim=True)  # NaN if the row has a NaN
+    if bool(torch.isfinite(x_max).all()):  # the only host sync on the common path
+        return x
     bad = x_max.isnan() | (x_max == -math.inf)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -134,13 +138,13 @@ def _top_k_survivors(x: torch.Tensor, k: int) -> torch.Tensor:
     return idx.sort(-1).values
 
 
-def _filter(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """temperature -> top-k -> top-p -> min-p -> softmax, on logits [N, V'] (all of V, or the top-k slice)."""
+def _filter(x: torch.Tensor, params: SamplingParams, *, top_p=apply_top_p) -> torch.Tensor:
+    """temperature -> top-k -> top-p (``top_p``) -> min-p -> softmax, on logits [N, V'] (V, or the top-k slice)."""
     x = apply_temperature(x, params.temperature)
     if params.top_k:
         x = apply_top_k(x, params.top_k)
     if params.top_p is not None and params.top_p < 1.0:
-        x = apply_top_p(x, params.top_p)
+        x = top_p(x, params.top_p)
     if params.min_p:
         x = apply_min_p(x, params.min_p)
     return torch.softmax(x, -1)
@@ -159,10 +163,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     Raises GenerationError on NaN logits, an all -inf row, or invalid params.
     """
     params.validate()
-    x = logits.double() if logits.dtype == torch.float64 else logits.float()
-    x_max = x.amax(-1, keepdim=True)  # NaN if the row has a NaN
-    if not bool(torch.isfinite(x_max).all()):  # the only host sync on the common path
-        x = _special_rows(x, x_max)
+    x = _as_float(logits)
     if params.is_greedy:
         return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
     if params.top_k and params.top_k < x.shape[-1]:

@@ -286,6 +286,19 @@ def assistant_step_ms(target, assistant, past: int = 256, reps: int = 50, rounds
         return statistics.median(median_ms(step, reps) for _ in range(rounds))
 
 
+def top_p_ms(V: int = 262_144, rows: int = 1, peaked: bool = True, reps: int = 7) -> tuple[float, float]:
+    """Milliseconds per row of ``process_logits`` at T = 1, top-p 0.95 alone, on ``rows`` random float32 logit rows
+    (8·randn, a small nucleus, if ``peaked``; else 3·randn): (reference, fast twin), median of ``reps`` each."""
+    import torch
+
+    from minimtp.fast.top_p import process_logits as fast_process_logits
+    from minimtp.sampling import SamplingParams, process_logits
+
+    x = (8.0 if peaked else 3.0) * torch.randn(rows, V, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(1.0, top_p=0.95)
+    return tuple(median_ms(lambda f=f: f(x, params), reps) / rows for f in (process_logits, fast_process_logits))
+
+
 def main(argv=None) -> int:
     from minimtp.generate import DEFAULT_DIR
 

@@ -3,7 +3,7 @@
 ``minimtp.fast.FastEngine(target, assistant)`` is :class:`minimtp.Engine` with every twin below (the CLI and
 ``python -m minimtp.bench`` use it unless ``--reference`` is given); ``minimtp.fast.optimize(target, assistant)``
 applies the model twins alone. Both rewrite the models **in place**. Each twin has the reference's call signature
-and is proven equal by tests/test_fast.py:
+and is proven equal by tests/test_fast.py (top-p: tests/test_fast_top_p.py):
 
 ==============================  ===========================================  ==========================================
 reference (``minimtp/``)        twin (``minimtp/fast/``)                     proof
@@ -14,9 +14,11 @@ reference (``minimtp/``)        twin (``minimtp/fast/``)                     pro
 ``model.RMSNorm``               ``fused.FusedRMSNorm``                       bit-identical
 ``attention.DraftPagedContext``  ``draft_context.DraftRoundContext``          equal draft logits; equal tokens
 a float drafter                 ``int8.quantize_assistant_`` (weight-only)   exactness: χ² tests (only acceptance moves)
+``sampling.process_logits``     ``top_p.process_logits`` (no full sort)      bit-identical (tests/test_fast_top_p.py)
 ==============================  ===========================================  ==========================================
 """
 
 from minimtp.fast.optimize import FastEngine, optimize, weights_dtype
+from minimtp.fast.top_p import process_logits
 
-__all__ = ["FastEngine", "optimize", "weights_dtype"]
+__all__ = ["FastEngine", "optimize", "process_logits", "weights_dtype"]

@@ -11,6 +11,7 @@ from minimtp.fast.draft_context import DraftRoundContext
 from minimtp.fast.fused import FusedAttention, FusedMLP, fuse_norms_
 from minimtp.fast.int8 import Int8Linear, quantize_assistant_
 from minimtp.fast.onednn import PackedLinear, PackedUnembedding, available, prepack_
+from minimtp.fast.top_p import process_logits
 from minimtp.model import MLP, Attention, Unembedding
 
 
@@ -61,8 +62,11 @@ def weights_dtype(assistant) -> str:
 
 class FastEngine(Engine):
     """:class:`minimtp.Engine` with the CPU fast twins: :func:`optimize` applied to the models (**in place**), and the
-    drafter's K/V gathered once per round (:class:`DraftRoundContext`) when attention runs in PyTorch. Same
+    drafter's K/V gathered once per round (:class:`DraftRoundContext`) when attention runs in PyTorch, and top-p
+    from the largest probabilities only (:mod:`minimtp.fast.top_p`). Same
     arguments as the Engine, plus ``draft_dtype`` (see :func:`optimize`)."""
+
+    process_logits = staticmethod(process_logits)  # top-p without a full-vocabulary sort (fast/top_p.py)
 
     def __init__(self, target, assistant=None, *, draft_dtype: str | None = None, **kwargs):
         super().__init__(target, assistant, **kwargs)  # validates the pair before anything is changed

@@ -133,6 +133,8 @@ def sampling_settings(args, model_dir: str) -> tuple[dict, str]:
             raise ConfigError(f"{path}: no such file (--generation-config takes auto, minimtp or a directory)")
         found = {k: gc[k] for k in SAMPLING_KEYS if gc.get(k) is not None}
         used = ", ".join(found)
+        if gc.get("do_sample") is True and "temperature" not in found:  # transformers' default temperature
+            found, used = {"temperature": 1.0, **found}, ", ".join(["do_sample=true", *found])
         if gc.get("do_sample") is False:
             found, used = {"temperature": 0.0}, "do_sample=false"
     settings = {**found, **given}

@@ -69,6 +69,9 @@ def grammar_source(json_schema=None, regex: str | None = None, grammar: str | No
             except ValueError as e:
                 raise GenerationError(f"json_schema is not valid JSON ({e})") from None
         check_schema_keys(json_schema)
+        if json_schema is False:  # the boolean schemas: false matches nothing, true anything (the options need a dict)
+            raise GenerationError("json_schema is false: no JSON value matches it")
+        json_schema = {} if json_schema is True else json_schema
         # one layout, json.dumps's (", " and ": ", no other whitespace): a model cannot wander off into blank lines;
         # a schema's "x-guidance" object overrides it (llguidance's JSON options)
         return llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=JSON_LAYOUT)
@@ -130,6 +133,8 @@ class Grammar:
     def allowed(self, generated: list[int]) -> torch.Tensor | None:
         """Tokens that may follow ``generated`` under the grammar; None past an end token or a forbidden token."""
         n = _common_prefix(self.tokens, generated)
+        if n == len(generated) and n in self.masks:  # a row before the matcher's position: seen already
+            return _unpack(self.masks[n], self.V)
         if n < len(self.tokens):  # roll the matcher back to the common prefix
             self.matcher.rollback(len(self.tokens) - n)
             del self.tokens[n:]

@@ -302,6 +302,11 @@ def top_p_ms(V: int = 262_144, rows: int = 1, peaked: bool = True, reps: int = 7
 def main(argv=None) -> int:
     from minimtp.generate import DEFAULT_DIR
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["controls"]:  # python -m minimtp.bench controls: the cost of each decoding control
+        from minimtp.bench_controls import main as controls_main
+
+        return controls_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m minimtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--assistant", default=None)

@@ -1,0 +1,176 @@
+"""``python -m minimtp.bench controls``: what each decoding control costs per token, plain and speculative.
+
+For every control (none, penalties, stop strings, a regex, a JSON Schema, token healing) the same prompts are decoded
+plain (k = 0) and speculatively; the table gives tok/s (median over interleaved repeats), the time spent applying the
+controls per generated token (penalties + grammar masks, measured around the engine's one call site), and the draft
+acceptance. A second table puts the per-row cost of the processed distribution at Gemma's real vocabulary
+(262,144 tokens) beside it: top-p without top-k in the reference and its fast twin, the penalties, a mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+CONTROLS = {
+    "none": {},
+    "repetition 1.3": dict(repetition_penalty=1.3),
+    "presence 0.5 + frequency 0.5": dict(presence_penalty=0.5, frequency_penalty=0.5),
+    "stop strings": dict(stop=["\n\n\n", "if __name__"]),
+    "regex": dict(regex=r"(    [^\n]*\n){1,40}"),
+    "json schema": dict(json_schema={"type": "object", "additionalProperties": {"type": ["string", "integer"]}}),
+    "token healing": dict(token_healing=True),
+}
+JSON_SCHEMA = CONTROLS["json schema"]["json_schema"]
+CODE = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\nimport sys\n\n\ndef main():\n"]
+JSON = ["# the settings as JSON\nconfig = ", "data = json.loads('", "# a JSON object:\n"]
+
+
+def _timed_controls(engine_mod):
+    """Wrap the engine's `_controlled` to add up its wall time (restored by the caller)."""
+    real, spent = engine_mod._controlled, [0.0]
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        out = real(*a, **kw)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    engine_mod._controlled = timed
+    return real, spent
+
+
+def run_controls(engine, tok, args) -> list[dict]:
+    import minimtp.engine as engine_mod
+
+    enc = [tok(p)["input_ids"] for p in CODE]
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    rows = []
+    real, spent = _timed_controls(engine_mod)
+    try:
+        for name, kw in CONTROLS.items():
+            for k in (0, args.k):
+                call = dict(num_speculative_tokens=max(k, 1), use_assistant=k > 0, **gen, **kw)
+                engine.generate(enc[:1], **call)  # warm-up
+                stats, ctl_s = [], 0.0
+                for _ in range(args.repeats):
+                    for ids in enc:
+                        spent[0] = 0.0
+                        stats.append(engine.generate([ids], **call).stats)
+                        ctl_s += spent[0]
+                toks = sum(s.generated_tokens for s in stats)
+                tps = sorted(s.tokens_per_second for s in stats)[len(stats) // 2]
+                drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
+                acc = accepted / drafted if drafted else None
+                row = dict(control=name, k=k, tps=tps, ms_per_token=1e3 / tps, acceptance=acc, tokens=toks)
+                rows.append(row | {"controls_ms_per_token": 1e3 * ctl_s / max(toks, 1)})
+    finally:
+        engine_mod._controlled = real
+    return rows
+
+
+def json_acceptance(engine, tok, args) -> list[dict]:
+    """Acceptance on the JSON prompts with and without the JSON Schema (speculative, k = args.k)."""
+    enc = [tok(p)["input_ids"] for p in JSON]
+    out = []
+    for name, kw in (("unconstrained", {}), ("json schema", dict(json_schema=JSON_SCHEMA))):
+        call = dict(max_new_tokens=args.max_new_tokens, num_speculative_tokens=args.k, **kw)
+        st = [engine.generate([ids], **call).stats for _ in range(args.repeats) for ids in enc]
+        d, a = sum(s.drafted for s in st), sum(s.accepted for s in st)
+        mal = 1 + a / max(1, sum(s.draft_rounds for s in st))
+        out.append(dict(control=name, acceptance=a / d if d else 0.0, mean_acceptance_length=mal))
+    return out
+
+
+def real_vocab_ms(reps: int = 7, V: int = 262_144, history: int = 1000) -> dict:
+    """ms per row at Gemma's vocabulary: top-p 0.95 alone (reference / twin), penalties, applying a mask."""
+    import torch
+
+    from minimtp.bench import median_ms, top_p_ms
+    from minimtp.controls import Penalties, apply_penalties
+    from minimtp.sampling import SamplingParams, process_logits
+
+    g = torch.Generator().manual_seed(0)
+    x = 8 * torch.randn(V, generator=g)
+    prompt, gen = torch.randint(0, V, (history,), generator=g), torch.randint(0, V, (history,), generator=g)
+    pen = Penalties(1.3, 0.5, 0.5)
+    mask = torch.rand(V, generator=g) < 0.01
+    ref, fast = top_p_ms(V, rows=1, peaked=True, reps=reps)
+    return {
+        "top-p 0.95 alone, reference (full sort)": ref,
+        "top-p 0.95 alone, fast twin": fast,
+        "top-k 64 + top-p 0.95 (Gemma's defaults)": median_ms(
+            lambda: process_logits(x[None], SamplingParams(1.0, 64, 0.95)), reps
+        ),
+        f"penalties over {history} prompt + {history} generated tokens": median_ms(
+            lambda: apply_penalties(x, prompt, gen, pen), reps
+        ),
+        "grammar mask applied (masked_fill)": median_ms(lambda: x.masked_fill(~mask, float("-inf")), reps),
+    }
+
+
+def main(argv=None) -> int:
+    from minimtp.generate import DEFAULT_DIR
+
+    p = argparse.ArgumentParser(prog="python -m minimtp.bench controls", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--assistant", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--draft-dtype", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("-k", type=int, default=5, help="drafts per round of the speculative rows")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", action="store_true")
+    p.add_argument("--attention", choices=["torch", "triton"], default="torch")
+    p.add_argument("--out", default="bench_results")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from minimtp.errors import MinimtpError
+    from minimtp.generate import load_pair, load_tokenizer
+
+    try:
+        torch.set_flush_denormal(True)
+        torch.set_num_threads(args.threads)
+        model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
+        asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
+        tok = load_tokenizer(model_dir)
+        _, _, engine = load_pair(model_dir, asst_dir, args)
+        engine._tokenizer = tok
+        rows, js, real = run_controls(engine, tok, args), json_acceptance(engine, tok, args), real_vocab_ms()
+    except MinimtpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine_name = "reference Engine" if args.reference else "FastEngine"
+    md = [
+        f"controls, {args.threads} thread(s), T={args.temperature}, {args.max_new_tokens} new tokens, "
+        f"median of {args.repeats} interleaved repeats, {engine_name}",
+        "",
+        "| control | k | tok/s | ms/token | controls ms/token | acceptance |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "–"
+        cells = [r["control"], r["k"], f"{r['tps']:.1f}", f"{r['ms_per_token']:.2f}"]
+        md.append("| " + " | ".join(map(str, cells + [f"{r['controls_ms_per_token']:.3f}", acc])) + " |")
+    md += ["", "| JSON prompts | acceptance | mean acceptance length |", "|---|---|---|"]
+    md += [f"| {r['control']} | {r['acceptance']:.3f} | {r['mean_acceptance_length']:.2f} |" for r in js]
+    md += ["", "| at V = 262,144 (one row) | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in real.items()]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "controls.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(args.out, "controls.json"), "w") as f:
+        json.dump({"rows": rows, "json": js, "real_vocab_ms": real, "args": vars(args)}, f, indent=1)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,22 @@ CONTROLS = {
     "json schema": dict(json_schema={"type": "object", "additionalProperties": {"type": ["string", "integer"]}}),
     "token healing": dict(token_healing=True),
 }
-JSON_SCHEMA = CONTROLS["json schema"]["json_schema"]
 CODE = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\nimport sys\n\n\ndef main():\n"]
-JSON = ["# the settings as JSON\nconfig = ", "data = json.loads('", "# a JSON object:\n"]
+JSON = [  # prompts after which JSON is a natural continuation (the first is the main bench's "json" prompt)
+    '# Fix the JSON below\ndata = {"name": "minimtp", "version": 1, "tags": ["fast", "exact",], }\nfixed = ',
+    "data = json.loads('",
+    "print(json.dumps(",
+]
+RECORD = {  # the shape of the bench's JSON prompt
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "version": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    },
+    "required": ["name", "version", "tags"],
+    "additionalProperties": False,
+}
 
 
 def _timed_controls(engine_mod):
@@ -73,10 +86,15 @@ def run_controls(engine, tok, args) -> list[dict]:
 
 
 def json_acceptance(engine, tok, args) -> list[dict]:
-    """Acceptance on the JSON prompts with and without the JSON Schema (speculative, k = args.k)."""
+    """Acceptance on the JSON prompts unconstrained, with a record schema and with "any object" (k = args.k)."""
     enc = [tok(p)["input_ids"] for p in JSON]
     out = []
-    for name, kw in (("unconstrained", {}), ("json schema", dict(json_schema=JSON_SCHEMA))):
+    cases = (
+        ("unconstrained", {}),
+        ("record schema", dict(json_schema=RECORD)),
+        ("any object", CONTROLS["json schema"]),
+    )
+    for name, kw in cases:
         call = dict(max_new_tokens=args.max_new_tokens, num_speculative_tokens=args.k, **kw)
         st = [engine.generate([ids], **call).stats for _ in range(args.repeats) for ids in enc]
         d, a = sum(s.drafted for s in st), sum(s.accepted for s in st)

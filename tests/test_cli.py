@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -171,3 +172,179 @@ def test_stats_line_format():
     s = Stats(generated_tokens=10, drafted=8, accepted=6, draft_rounds=2, target_steps=3, elapsed_s=1.0)
     line = generate.stats_line(s)
     assert "0.750 (6 accepted / 8 drafted)" in line and "mean acceptance length 4.00" in line
+
+
+# --- controls: penalties, stop strings, grammars, token healing, generation configs ---------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def control_files(tmp_path):
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "g.lark").write_text('start: "return " NAME "\\n"\nNAME: /[a-z_]{1,10}/\n')
+    (tmp_path / "g.gbnf").write_text('root ::= "x = " [0-9]+ "\\n"\n')
+    (tmp_path / "bad_key.json").write_text('{"type": "object", "properties": {"a": {"tpye": "string"}}}')
+    (tmp_path / "bad.json").write_text('{"type": "object",')
+    (tmp_path / "any.json").write_text("true")  # the boolean schema: any JSON value
+    (tmp_path / "gc").mkdir()
+    (tmp_path / "gc" / "generation_config.json").write_text('{"temperature": 1.0, "top_k": 64, "top_p": 0.95}')
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--repetition-penalty", "1.3"],
+        ["--presence-penalty", "0.5"],
+        ["--frequency-penalty", "-0.5"],
+        ["--stop", "\n", "--stop", "("],
+        ["--stop", "(", "--include-stop-str-in-output"],
+        ["--json-schema", "{dir}/schema.json", "--max-new-tokens", "40"],
+        ["--json-schema", "{dir}/any.json", "--max-new-tokens", "40"],
+        ["--regex", "[a-z_]+\\(\\)", "--max-new-tokens", "20"],
+        ["--grammar", "{dir}/g.lark", "--max-new-tokens", "20"],
+        ["--grammar", "{dir}/g.gbnf", "--max-new-tokens", "20"],
+        ["--token-healing", "on"],
+        ["--token-healing", "off"],
+        ["--token-healing", "auto", "--no-assistant"],
+        ["--generation-config", "auto"],
+        ["--generation-config", "minimtp", "--reference"],
+        ["--generation-config", "{dir}/gc", "--seed", "1"],
+    ],
+)
+def test_control_flags(capsys, control_files, flags):
+    flags = [f.replace("{dir}", str(control_files)) for f in flags]
+    rc, out, err = run(capsys, "--prompt", "def f(x):\n", "--max-new-tokens", "10", "--json", *flags)
+    assert rc == 0, err
+    d = json.loads(out)
+    assert isinstance(d["text"], str) and isinstance(d["settings"], dict) and "stop_reason" in d
+    if "--stop" in flags:
+        stops = [flags[i + 1] for i, f in enumerate(flags) if f == "--stop"]
+        if d["stop_reason"] in stops:
+            assert d["finish_reason"] == "stop"
+            if "--include-stop-str-in-output" in flags:
+                assert d["text"].endswith(d["stop_reason"])
+        if "--include-stop-str-in-output" not in flags:
+            assert not any(s in d["text"] for s in stops), d
+    if "--json-schema" in flags and d["finish_reason"] == "stop":
+        json.loads(d["text"])
+    if any(f.endswith("schema.json") for f in flags):
+        assert d["finish_reason"] == "stop" and set(json.loads(d["text"])) == {"name", "age"}
+    if "--regex" in flags and d["finish_reason"] == "stop":
+        assert re.fullmatch(r"[a-z_]+\(\)", d["text"]), d["text"]
+    if "--grammar" in flags and d["finish_reason"] == "stop":
+        assert re.fullmatch(r"return [a-z_]{1,10}\n|x = [0-9]+\n", d["text"]), d["text"]
+    constrained = any(f in flags for f in ("--json-schema", "--regex", "--grammar"))
+    mode = flags[flags.index("--token-healing") + 1] if "--token-healing" in flags else "auto"
+    assert d["token_healing"] == (mode == "on" or (mode == "auto" and not constrained))
+
+
+def test_generation_config_auto_on_the_embedded_model_is_greedy(capsys):
+    rc, out, _ = run(capsys, "--prompt", "x = ", "--max-new-tokens", "4", "--json", "--generation-config", "auto")
+    assert rc == 0 and json.loads(out)["settings"] == {"temperature": 0.0}  # do_sample: false
+    rc, _, err = run(capsys, "--prompt", "x = ", "--max-new-tokens", "4", "--generation-config", "auto")
+    assert rc == 0 and "[settings: greedy (do_sample=false from generation_config.json)]" in err
+
+
+def test_generation_config_dir_and_flags_win(capsys, control_files):
+    gc = str(control_files / "gc")
+    args = ["--prompt", "x = ", "--max-new-tokens", "4", "--json", "--seed", "0", "--generation-config", gc]
+    rc, out, _ = run(capsys, *args)
+    assert rc == 0 and json.loads(out)["settings"] == {"temperature": 1.0, "top_k": 64, "top_p": 0.95}
+    rc, out, _ = run(capsys, *args, "--top-k", "5")
+    assert rc == 0 and json.loads(out)["settings"] == {"temperature": 1.0, "top_k": 5, "top_p": 0.95}
+    rc, _, err = run(capsys, *[a for a in args if a != "--json"], "--top-k", "5")
+    assert rc == 0 and "top_k=5" in err and "from generation_config.json; flags)" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--json-schema", "{dir}/bad_key.json"], "unknown key 'tpye'"),
+        (["--json-schema", "{dir}/missing.json"], "missing.json: cannot read the JSON Schema file"),
+        (["--json-schema", "{dir}/bad.json"], "bad.json: not valid JSON"),
+        (["--grammar", "{dir}/missing.lark"], "missing.lark: cannot read the grammar file"),
+        (["--regex", "(ab"], "unclosed group"),
+        (["--regex", "a", "--grammar", "{dir}/g.lark"], "regex and grammar given"),
+        (["--regex", "a+", "--token-healing", "on"], "token_healing"),
+        (["--repetition-penalty", "0"], "repetition_penalty=0.0"),
+        (["--repetition-penalty", "-1"], "repetition_penalty=-1.0"),
+        (["--presence-penalty", "3"], "presence_penalty=3.0"),
+        (["--frequency-penalty", "nan"], "frequency_penalty=nan"),
+        (["--stop", ""], "stop[0]=''"),
+        (["--generation-config", "{dir}/nope"], "nope/generation_config.json: no such file"),
+        (["--generation-config", "{dir}"], "generation_config.json: no such file"),
+    ],
+)
+def test_control_errors_are_one_line(capsys, control_files, argv, needle):
+    argv = [a.replace("{dir}", str(control_files)) for a in argv]
+    rc, out, err = run(capsys, "--prompt", "x", "--max-new-tokens", "4", *argv)
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "prompt, flags",
+    [
+        ("def binary_search(items, target):\n", []),  # ends in a newline: healed into "\n    "
+        ("class Stack:\n    def push(self, item):\n", []),
+        ("print(", []),  # ends in "("
+        ("for i in range(10):", []),  # ends in ":"
+        ("x = ", []),  # ends in a space
+        ("import", []),  # ends in a word
+        ("def fibonacci(n):\n    if n < 2:\n        return n\n    return", []),
+        ("Write a Python function that reverses a string.", ["--chat"]),
+    ],
+)
+def test_no_natural_prompt_produces_empty_output(capsys, prompt, flags):
+    rc, out, err = run(capsys, "--prompt", prompt, "--max-new-tokens", "16", *flags)
+    assert rc == 0, err
+    assert out.strip(), (prompt, out, err)
+
+
+@pytest.mark.parametrize(
+    "flags, stop",
+    [
+        ([], None),
+        (["--stop", "list"], "list"),
+        (["--stop", "\n", "--include-stop-str-in-output"], "\n"),
+        (["--stop", "same", "--stop", "the list"], "the list"),
+        (["--stop", '"""\n', "--include-stop-str-in-output"], '"""\n'),
+        (["--token-healing", "off", "--stop", "(self"], "(self"),
+    ],
+)
+def test_streamed_text_equals_the_json_text(capsys, flags, stop):
+    """The streamed text (held back while it may still become a stop string) is the JSON "text"."""
+    args = ["--prompt", "class Stack:\n    def push(self, item):\n", "--max-new-tokens", "24", *flags]
+    rc, out, _ = run(capsys, *args)
+    rc2, js, _ = run(capsys, *args, "--json")
+    assert rc == rc2 == 0
+    d = json.loads(js)
+    assert out == d["text"] + "\n" and d["stop_reason"] == stop, d
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--repetition-penalty", "1.3", "--presence-penalty", "0.4", "--frequency-penalty", "0.2"],
+        ["--json-schema", "{dir}/schema.json"],
+        ["--grammar", "{dir}/g.gbnf"],
+        ["--stop", "list", "--token-healing", "on"],
+    ],
+)
+def test_controls_greedy_speculative_equals_plain_through_the_cli(capsys, control_files, flags):
+    flags = [f.replace("{dir}", str(control_files)) for f in flags]
+    args = ["--prompt", "class Stack:\n", "--max-new-tokens", "40", "--json", "--dtype", "float32", *flags]
+    _, a, _ = run(capsys, *args)
+    _, b, _ = run(capsys, *args, "--no-assistant")
+    da, db = json.loads(a), json.loads(b)
+    assert da["token_ids"] == db["token_ids"] and da["text"] == db["text"]
+    assert db["stats"]["drafted"] == 0 and da["stats"]["drafted"] > 0

@@ -74,8 +74,8 @@ class Constraint(Protocol):
 class Controls:
     """The controls of one sequence: its prompt, its penalties and its constraints (grammar, token healing)."""
 
-    def __init__(self, prompt: list[int], penalties: Penalties = Penalties(), constraints=()):
-        self.prompt = torch.tensor(prompt, dtype=torch.long)
+    def __init__(self, prompt: list[int], penalties: Penalties = Penalties(), constraints=(), healed: str = ""):
+        self.prompt, self.healed = torch.tensor(prompt, dtype=torch.long), healed  # healed: the re-spelled text
         self.penalties, self.constraints = penalties, [c for c in constraints if c is not None]
 
     @property
@@ -120,5 +120,6 @@ def make_controls(prompts, tokenizer, vocab_size: int, eos_ids, penalties: Penal
             prompt, removed = heal_prompt(prompt, vocab)
         constraints = [Grammar(tokenizer, source, vocab_size, eos_ids) if source is not None else None]
         constraints.append(TokenHealing(removed, vocab) if removed else None)
-        out.append((prompt, Controls(prompt, penalties, constraints), removed.decode("utf-8", errors="replace")))
+        text = removed.decode("utf-8", errors="replace")
+        out.append((prompt, Controls(prompt, penalties, constraints, text), text))
     return out

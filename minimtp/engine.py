@@ -15,20 +15,19 @@ same round for one sequence, in one screen: :func:`minimtp.decode.speculative_de
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from minimtp.attention import DraftPagedContext, PagedContext, get_attention_backend
-from minimtp.controls import NO_CONTROLS, Controls, Penalties, make_controls
 from minimtp.errors import CompatibilityError, GenerationError, MinimtpError
-from minimtp.grammar import grammar_source
 from minimtp.kv_cache import KVCache
-from minimtp.sampling import SamplingParams, draw_exponentials, draw_uniforms, make_generators, process_logits, sample
+from minimtp.request import Request, check_draft_mode, make_requests
+from minimtp.sampling import draw_exponentials, process_logits, sample
+from minimtp.scheduler import Scheduler
 from minimtp.stats import Stats
-from minimtp.stop_strings import StopStrings, check_stop_strings
 
 
 @dataclass
@@ -40,44 +39,6 @@ class GenerationResult:
     texts: list[str] | None = None  # the continuations, cut at a stop string (when the engine has a tokenizer)
     stop_reasons: list = field(default_factory=list)  # the stop token id or stop string that ended each, else None
     healed_prompts: list[list[int]] | None = None  # the prompts as run, with token healing (last token removed)
-
-
-@dataclass
-class _Seq:
-    idx: int
-    prompt: list[int]
-    out: list[int] = field(default_factory=list)
-    cache_len: int = 0  # positions with K/V in the cache
-    pending: int = -1  # emitted token at position cache_len, not yet run through the target
-    hidden: torch.Tensor | None = None  # target hidden state at cache_len - 1
-    done: str | None = None
-    stop_reason: int | str | None = None
-    stats: Stats = field(default_factory=Stats)
-
-
-@dataclass
-class _Run:
-    """The state of one :meth:`Engine.generate` call; the engine itself keeps only models, backends and settings."""
-
-    cache: KVCache
-    params: SamplingParams
-    k: int  # drafts per round (0: plain decoding)
-    draft_mode: str  # "argmax" | "sample"
-    gens: list[torch.Generator]  # one per prompt
-    stops: set[int]
-    max_new: int
-    stats: Stats
-    on_tokens: Callable | None = None
-    controls: list[Controls] = field(default_factory=list)  # one per prompt (penalties, grammar, token healing)
-    stop_strings: list[StopStrings | None] = field(default_factory=list)  # one per prompt
-
-    @property
-    def controlled(self) -> bool:
-        return any(c.active for c in self.controls)
-
-    @property
-    def sampled_drafts(self) -> bool:
-        return self.draft_mode == "sample" and not self.params.is_greedy
 
 
 def _verify_backends(name: str):
@@ -92,9 +53,18 @@ def _verify_backends(name: str):
     raise CompatibilityError(f"verify backend {name!r}: expected 'torch' or 'triton'")
 
 
+def _groups(seqs: list[Request], key) -> list[tuple[object, list[int]]]:
+    """[(key, positions of the requests with that key)] in first-seen order: one batched call per setting."""
+    out: dict = defaultdict(list)
+    for b, s in enumerate(seqs):
+        out[key(s)].append(b)
+    return list(out.items())
+
+
 class Engine:
-    """Owns the backends and the settings; each :meth:`generate` call builds its own KV pool. ``assistant=None``
-    gives plain decoding.
+    """Owns the models, the backends and the defaults; each :meth:`generate` call builds its requests, a KV pool
+    that fits them and a :class:`~minimtp.scheduler.Scheduler` that runs them. ``assistant=None`` gives plain
+    decoding.
 
     ``draft_mode="argmax"`` drafts argmax q and verifies with the one-hot rule (accept with p(x): expected
     acceptance p(argmax q)); ``"sample"`` samples drafts from the processed drafter distribution q' and accepts
@@ -125,7 +95,7 @@ class Engine:
         if block_size < 1:
             raise GenerationError(f"block_size = {block_size}, expected >= 1")
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.draft_mode = _check_draft_mode(draft_mode)
+        self.draft_mode = check_draft_mode(draft_mode)
         if assistant is not None:
             from minimtp.assistant import check_pair
 
@@ -140,9 +110,7 @@ class Engine:
         if self._tokenizer is None:
             path = getattr(self.target, "name_or_path", None)
             if path is None:
-                raise GenerationError(
-                    "stop strings, grammars and token healing need a tokenizer: Engine(..., tokenizer=)"
-                )
+                raise GenerationError("stop strings, grammars and token healing need a tokenizer: Engine(tokenizer=)")
             from minimtp.generate import load_tokenizer
 
             self._tokenizer = load_tokenizer(path)
@@ -159,55 +127,20 @@ class Engine:
         n = self.assistant.config.num_assistant_tokens if self.assistant is not None else None
         return n or 6
 
-    def _check_prompts(self, prompts) -> list[list[int]]:
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise GenerationError("prompts must be a non-empty list of token-id lists")
-        if all(isinstance(x, int) for x in prompts):
-            raise GenerationError("prompts must be a list of token-id lists, e.g. [[2, 651, 1234]], not a flat list")
-        V, out = self.cfg.vocab_size, []
-        for b, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor):
-                p = p.tolist()
-            if not isinstance(p, (list, tuple)) or len(p) == 0:
-                raise GenerationError(f"prompt {b} is empty (or not a list of token ids)")
-            for t in p:
-                if isinstance(t, bool) or not isinstance(t, int):
-                    raise GenerationError(f"prompt {b}: token id {t!r} is not an integer")
-                if not 0 <= t < V:
-                    raise GenerationError(f"prompt {b}: token id {t} out of range, expected 0 <= id < vocab_size {V}")
-            if len(p) >= self.cfg.max_position_embeddings:
-                raise GenerationError(
-                    f"prompt {b} has {len(p)} tokens; the context limit (max_position_embeddings) is "
-                    f"{self.cfg.max_position_embeddings}"
-                )
-            out.append(list(p))
-        return out
+    @property
+    def sliding_keep(self) -> int:
+        """Sliding blocks stay while the target (W keys) or the drafter (the last W+1) can still see them."""
+        return max(self.cfg.sliding_window, self.assistant.config.text.sliding_window + 1 if self.assistant else 0)
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompts,
-        max_new_tokens: int = 64,
-        num_speculative_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | list[int] | None = None,
-        stop_token_ids=None,
-        draft_mode: str | None = None,
-        use_assistant: bool = True,
-        on_tokens=None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        stop: str | list[str] | None = None,
-        include_stop_str_in_output: bool = False,
-        json_schema=None,
-        regex: str | None = None,
-        grammar: str | None = None,
-        token_healing: bool = False,
-    ) -> GenerationResult:
+    def generate(self, prompts, max_new_tokens: int = 64, num_speculative_tokens: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, seed: int | list[int] | None = None, stop_token_ids=None,
+                 draft_mode: str | None = None, use_assistant: bool = True, on_tokens=None,
+                 repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None, stop: str | list[str] | None = None,
+                 include_stop_str_in_output: bool = False, json_schema=None, regex: str | None = None,
+                 grammar: str | None = None, token_healing: bool = False) -> GenerationResult:  # fmt: skip
         """Generate up to ``max_new_tokens`` for each prompt (a list of token-id lists).
 
         ``temperature=0`` is greedy. Stops at any of ``stop_token_ids`` (default: the model's EOS ids), at a
@@ -216,72 +149,51 @@ class Engine:
         and ``token_healing`` change p itself, row by row (docs: concepts/controls). ``on_tokens(i, ids)`` is
         called as tokens of prompt i are accepted (streaming)."""
         t0 = time.perf_counter()
-        prompts = self._check_prompts(prompts)
-        params = SamplingParams(temperature, top_k, top_p, min_p).validate()
-        pen = Penalties(*(d if v is None else v for v, d in ((repetition_penalty, 1.0), (presence_penalty, 0.0),
-                                                             (frequency_penalty, 0.0)))).validate()  # fmt: skip
-        stop_strs, source = check_stop_strings(stop), grammar_source(json_schema, regex, grammar)
-        controls, healed = [NO_CONTROLS] * len(prompts), [""] * len(prompts)
-        if source is not None or token_healing or pen.active:
-            tok = self.tokenizer if source is not None or token_healing else None
-            made = make_controls(prompts, tok, self.cfg.vocab_size, self.cfg.eos_token_ids, pen, source, token_healing)
-            prompts, controls, healed = (list(x) for x in zip(*made))
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
-        k = self.default_num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise GenerationError(f"num_speculative_tokens = {k!r}, expected an integer >= 1")
-        k = k if self.assistant is not None and use_assistant else 0
-        mode = _check_draft_mode(self.draft_mode if draft_mode is None else draft_mode)
-        # sliding blocks stay while the target (W keys) or the drafter (the last W+1) can still see them
-        keep = max(self.cfg.sliding_window, self.assistant.config.text.sliding_window + 1 if self.assistant else 0)
-        lens = [len(p) for p in prompts]
-        cache = KVCache.for_requests(
-            self.cfg, lens, max_new_tokens, k, keep, self.block_size, self.num_blocks, self.dtype, self.device
-        )
-        stops = set(self.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        gens = make_generators(seed, len(prompts))
-        run = _Run(cache, params, k, mode, gens, stops, max_new_tokens, Stats(sum(lens), prefill_steps=1), on_tokens)
-        run.controls = controls
-        tok = self.tokenizer if stop_strs else self._optional_tokenizer()
-        run.stop_strings = [StopStrings(tok, stop_strs, include_stop_str_in_output, h) if stop_strs else None
-                            for h in healed]  # fmt: skip
-        seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
-        self._prefill(run, seqs)
-        run.stats.ttft_s = time.perf_counter() - t0
-        while active := [s for s in seqs if s.done is None]:
-            self._round(run, active)
-        run.stats.elapsed_s = time.perf_counter() - t0
-        run.stats.generated_tokens = sum(len(s.out) for s in seqs)
-        for s in seqs:
-            s.stats.ttft_s, s.stats.elapsed_s = run.stats.ttft_s, run.stats.elapsed_s
-        texts = None
-        if tok is not None:
-            texts = [
-                (st or StopStrings(tok, [], prefix=h)).cut(s.out) for s, st, h in zip(seqs, run.stop_strings, healed)
-            ]
-        res = GenerationResult([s.out for s in seqs], [s.done for s in seqs], run.stats, [s.stats for s in seqs], texts)
-        res.stop_reasons = [s.stop_reason for s in seqs]
-        res.healed_prompts = prompts if token_healing else None
+        kw = dict(locals())  # every keyword, validated by make_requests
+        del kw["self"], kw["prompts"], kw["t0"]
+        reqs = make_requests(self, prompts, **kw)
+        lens, k = [len(r.prompt) for r in reqs], reqs[0].k
+        cache = KVCache.for_requests(self.cfg, lens, max_new_tokens, k, self.sliding_keep, self.block_size,
+                                     self.num_blocks, self.dtype, self.device)  # fmt: skip
+        sched = Scheduler(self, cache, max_num_seqs=len(reqs))
+        for r in reqs:
+            r.arrival = t0
+            sched.add(r)
+        sched.step()  # admits and prefills every request, then runs the first round
+        sched.stats.ttft_s = max(r.stats.ttft_s for r in reqs)
+        sched.run()
+        st = sched.stats
+        st.elapsed_s, st.generated_tokens = time.perf_counter() - t0, sum(len(r.out) for r in reqs)
+        for r in reqs:
+            r.stats.elapsed_s = st.elapsed_s
+        tok = self._optional_tokenizer()
+        texts = [r.text(tok) for r in reqs] if tok is not None else None
+        res = GenerationResult([r.out for r in reqs], [r.done for r in reqs], st, [r.stats for r in reqs], texts)
+        res.stop_reasons = [r.stop_reason for r in reqs]
+        res.healed_prompts = [r.prompt for r in reqs] if token_healing else None
         return res
 
-    def _prefill(self, run: _Run, seqs: list[_Seq]) -> None:
-        """Every prompt in one packed forward; the first token from the last row of each."""
-        for s in seqs:
-            run.cache.add(s.idx)
-        out, cu = self._target_forward(run, seqs, [s.prompt for s in seqs])
+    def _prefill(self, run, seqs: list[Request]) -> None:
+        """The prompts in one packed forward; the first token from the last row of each. A preempted request
+        recomputes prompt + its tokens but the last (still pending) and emits nothing new."""
+        out, cu = self._target_forward(run, seqs, [s.prompt + s.out[:-1] for s in seqs])
         rows = [c - 1 for c in cu[1:]]
-        logits = _controlled(run, seqs, out.logits[rows][:, None], [[]] * len(seqs), 0, [1] * len(seqs))[:, 0]
-        for s, r, t in zip(seqs, rows, self._pick(run, logits)):
-            s.cache_len, s.hidden, s.stats.prompt_tokens = len(s.prompt), out.hidden[r], len(s.prompt)
-            run.cache.trim_window(s.idx, s.cache_len)
-            self._emit(run, s, [t])
+        for s, r in zip(seqs, rows):
+            s.cache_len, s.hidden = len(s.prompt) + max(len(s.out) - 1, 0), out.hidden[r]
+            s.stats.prompt_tokens = len(s.prompt)
+            run.cache.trim_window(s.id, s.cache_len)
+        fresh = [b for b, s in enumerate(seqs) if not s.out]
+        logits = out.logits[[rows[b] for b in fresh]][:, None]
+        logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
+        for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
+            self._emit(seqs[b], [t])
+            seqs[b].stats.ttft_s = time.perf_counter() - seqs[b].arrival
 
-    def _round(self, run: _Run, active: list[_Seq]) -> None:
-        """Draft, verify, accept, roll back: one round for every active sequence (module docstring)."""
+    def _round(self, run, active: list[Request]) -> None:
+        """Draft, verify, accept, roll back: one round for every active request (module docstring)."""
         max_ctx = self.cfg.max_position_embeddings
-        # drafts per sequence: never more than the budget left (the round also emits one target token)
-        ks = [max(0, min(run.k, run.max_new - len(s.out) - 1, max_ctx - s.cache_len - 2)) for s in active]
+        # drafts per request: never more than the budget left (the round also emits one target token)
+        ks = [max(0, min(s.k, s.max_new - len(s.out) - 1, max_ctx - s.cache_len - 2)) for s in active]
         B, K = len(active), max(ks)
         t0 = time.perf_counter()
         drafts, q = self._draft(run, active, ks) if K > 0 else (torch.zeros(B, 0, dtype=torch.long), None)
@@ -291,15 +203,22 @@ class Engine:
         run.stats.draft_s += t1 - t0
         run.stats.verify_s += time.perf_counter() - t1
         logits = pad_sequence(list(out.logits.split([kb + 1 for kb in ks])), batch_first=True)  # [B, K+1, V]
-        logits = _controlled(run, active, logits, drafts_l, 0, [kb + 1 for kb in ks])  # row j: after d_1..d_j
-        num_drafts = torch.tensor(ks, dtype=torch.long)
-        if run.params.is_greedy:
-            ids, n_emit = self.verify_greedy(logits, drafts, num_drafts)
-        else:
-            g, V = [run.gens[s.idx] for s in active], logits.shape[-1]
-            probs = self.process_logits(logits.view(B * (K + 1), V), run.params).view(B, K + 1, V)
-            u = draw_uniforms(g, run.k)[:, :K]  # k draws whatever the round's K: streams independent of batchmates
-            ids, n_emit = self.verify(probs, drafts, q, num_drafts, u, draw_exponentials(g, V))
+        logits = _controlled(active, logits, drafts_l, 0, [kb + 1 for kb in ks])  # row j: after d_1..d_j
+        num_drafts, V = torch.tensor(ks, dtype=torch.long), logits.shape[-1]
+        ids, n_emit = torch.full((B, K + 1), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        for (params, sampled), bs in _groups(active, lambda s: (s.params, s.sampled_drafts)):
+            i = torch.tensor(bs)
+            if params.is_greedy:
+                ids[i], n_emit[i] = self.verify_greedy(logits[i], drafts[i], num_drafts[i])
+                continue
+            g = [active[b].gen for b in bs]
+            probs = self.process_logits(logits[i].view(len(bs) * (K + 1), V), params).view(len(bs), K + 1, V)
+            # k uniforms whatever the round's K: a request's stream is independent of its batchmates
+            u = torch.zeros(len(bs), K, dtype=torch.float64)
+            for r, b in enumerate(bs):
+                u[r, : min(active[b].k, K)] = torch.rand(active[b].k, generator=g[r], dtype=torch.float64)[:K]
+            qi = q[i] if sampled and q is not None else None
+            ids[i], n_emit[i] = self.verify(probs, drafts[i], qi, num_drafts[i], u, draw_exponentials(g, V))
         ids_l, n_l = ids.tolist(), n_emit.tolist()
         for b, s in enumerate(active):
             n_acc = n_l[b] - 1
@@ -307,68 +226,76 @@ class Engine:
             s.stats.count_round(ks[b], n_acc)
             s.hidden = out.hidden[cu[b] + n_acc]
             s.cache_len += 1 + n_acc  # the pending token and the accepted drafts now have valid K/V
-            run.cache.truncate(s.idx, s.cache_len)  # roll back the rejected drafts
-            run.cache.trim_window(s.idx, s.cache_len)
-            self._emit(run, s, ids_l[b][: n_l[b]])
+            run.cache.truncate(s.id, s.cache_len)  # roll back the rejected drafts
+            run.cache.trim_window(s.id, s.cache_len)
+            self._emit(s, ids_l[b][: n_l[b]])
 
-    def _target_forward(self, run: _Run, seqs: list[_Seq], new_tokens: list[list[int]]):
-        """One target forward over the packed new tokens of several sequences (their K/V go into the cache)."""
+    def _target_forward(self, run, seqs: list[Request], new_tokens: list[list[int]]):
+        """One target forward over the packed new tokens of several requests (their K/V go into the cache)."""
         starts, counts = [s.cache_len for s in seqs], [len(t) for t in new_tokens]
         for s, c in zip(seqs, counts):
-            run.cache.reserve(s.idx, s.cache_len + c)
-        ctx = PagedContext(run.cache, self.attention, [s.idx for s in seqs], starts, counts)
+            run.cache.reserve(s.id, s.cache_len + c)
+        ctx = PagedContext(run.cache, self.attention, [s.id for s in seqs], starts, counts)
         tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(self.device)
         return self.target.run(tok, pos, ctx, logit_rows="all"), ctx.cu_q_lens.tolist()
 
-    def _draft(self, run: _Run, seqs: list[_Seq], ks: list[int]):
-        """max(ks) drafting steps for every sequence at its constant position p = cache_len. Returns draft ids
-        ``[B, K]`` and, for sampled drafts, the processed drafter distributions q' ``[B, K, V]`` (else None)."""
+    def _draft(self, run, seqs: list[Request], ks: list[int]):
+        """max(ks) drafting steps for every request at its constant position p = cache_len. Returns draft ids
+        ``[B, K]`` and, if any request samples its drafts, the processed drafter distributions q' ``[B, K, V]``
+        (zero rows for the others; else None)."""
         positions = [s.cache_len for s in seqs]
-        ctx = self.draft_context(
-            run.cache, self.assistant.config.text, self.attention, [s.idx for s in seqs], positions
-        )
+        ctx = self.draft_context(run.cache, self.assistant.config.text, self.attention, [s.id for s in seqs], positions)
         p = torch.tensor(positions, device=self.device)
         rope = self.assistant.rope(p)  # the position is the same at every step of the round
         last = torch.tensor([s.pending for s in seqs], device=self.device)
         hidden = torch.stack([s.hidden for s in seqs])
+        sampled = _groups(seqs, lambda s: s.params if s.sampled_drafts else None)
         drafts, qs = [], []
         for j in range(max(ks)):
             logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
             made = torch.stack(drafts, 1).tolist() if drafts else [[]] * len(seqs)  # step j follows d_1..d_j
-            logits = _controlled(run, seqs, logits[:, None], made, j, [int(kb > j) for kb in ks])[:, 0]
-            if run.sampled_drafts:
-                q = self.process_logits(logits, run.params)
-                # only sequences that use step j draw from their generator: a sequence's random stream never
+            logits = _controlled(seqs, logits[:, None], made, j, [int(kb > j) for kb in ks])[:, 0]
+            last = logits.float().argmax(-1)  # argmax drafts (an exact upcast)
+            q = None
+            for params, bs in sampled:
+                if params is None:
+                    continue
+                qb = self.process_logits(logits[bs], params)
+                q = torch.zeros(logits.shape, dtype=qb.dtype) if q is None else q
+                q[bs] = qb
+                # only requests that use step j draw from their generator: a request's random stream never
                 # depends on its batchmates (the others get dummy noise; their step-j drafts are discarded)
-                noise = torch.ones_like(q)
-                use = [b for b, kb in enumerate(ks) if kb > j]
-                noise[use] = draw_exponentials([run.gens[seqs[b].idx] for b in use], q.shape[-1]).to(q.device)
-                last = sample(q, noise)
+                noise = torch.ones(len(bs), logits.shape[-1])
+                use = [i for i, b in enumerate(bs) if ks[b] > j]
+                noise[use] = draw_exponentials([seqs[bs[i]].gen for i in use], logits.shape[-1])
+                last[bs] = sample(q[bs], noise)
+            if q is not None:
                 qs.append(q)
-            else:
-                last = logits.float().argmax(-1)  # (an exact upcast)
             drafts.append(last)
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
 
-    def _pick(self, run: _Run, logits: torch.Tensor) -> list[int]:
-        if run.params.is_greedy:
-            return logits.argmax(-1).tolist()
-        probs = self.process_logits(logits, run.params)
-        return sample(probs, draw_exponentials(run.gens, probs.shape[-1])).tolist()
+    def _pick(self, seqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """Plain decoding's token from one row per request."""
+        out = logits.argmax(-1)
+        for params, bs in _groups(seqs, lambda s: s.params):
+            if not params.is_greedy:
+                probs = self.process_logits(logits[bs], params)
+                out[bs] = sample(probs, draw_exponentials([seqs[b].gen for b in bs], probs.shape[-1]))
+        return out.tolist()
 
-    def _emit(self, run: _Run, s: _Seq, toks: list[int]) -> None:
-        """Append emitted tokens, trimming at the first stop token / the budget."""
-        new, stop_strings = [], run.stop_strings[s.idx] if run.stop_strings else None
+    def _emit(self, s: Request, toks: list[int]) -> None:
+        """Append emitted tokens, trimming at the first stop token or string / the budget."""
+        new = []
         for t in toks:
             new.append(t)
-            if t in run.stops:
+            if t in s.stops:
                 s.done, s.stop_reason = "stop", t
                 break
-            if stop_strings is not None and (hit := stop_strings.find(stop_strings.text(s.out + new))):
+            if s.stop_strings is not None and (hit := s.stop_strings.find(s.stop_strings.text(s.out + new))):
                 s.done, s.stop_reason = "stop", hit[1]
                 break
-            if len(s.out) + len(new) >= run.max_new:
+            if len(s.out) + len(new) >= s.max_new:
                 s.done = "length"
                 break
         s.out.extend(new)
@@ -376,25 +303,18 @@ class Engine:
         s.pending = new[-1]
         if s.done is None and s.cache_len + 1 >= self.cfg.max_position_embeddings:
             s.done = "context"
-        if run.on_tokens is not None and new:
-            run.on_tokens(s.idx, new)
+        if s.on_tokens is not None and new:
+            s.on_tokens(s, new)
 
 
-def _controlled(run: _Run, seqs: list[_Seq], logits: torch.Tensor, drafts: list[list[int]], first: int, rows):
-    """logits [B, R, V]; row r of sequence b follows its emitted tokens and drafts[b][:first + r], for r < rows[b]
-    (later rows are padding). Returns them with each sequence's controls applied (controls.py)."""
-    if not run.controlled:
+def _controlled(seqs: list[Request], logits: torch.Tensor, drafts: list[list[int]], first: int, rows):
+    """logits [B, R, V]; row r of request b follows its emitted tokens and drafts[b][:first + r], for r < rows[b]
+    (later rows are padding). Returns them with each request's controls applied (controls.py)."""
+    if not any(s.controls.active for s in seqs):
         return logits
     x = logits.double() if logits.dtype == torch.float64 else logits.float()
     for b, s in enumerate(seqs):
-        if rows[b]:
-            x[b, : rows[b]] = run.controls[s.idx](
-                x[b, : rows[b]], [s.out + drafts[b][: first + r] for r in range(rows[b])]
-            )
+        if rows[b] and s.controls.active:
+            hist = [s.out + drafts[b][: first + r] for r in range(rows[b])]
+            x[b, : rows[b]] = s.controls(x[b, : rows[b]], hist)
     return x
-
-
-def _check_draft_mode(mode: str) -> str:
-    if mode not in ("argmax", "sample"):
-        raise GenerationError(f"draft_mode = {mode!r}, expected 'argmax' or 'sample'")
-    return mode

@@ -26,6 +26,7 @@ from distribution_harness import PROMPT, V, build_pair, check_all, chi2_gof, con
 from tiny_tokenizer import char_tokenizer
 
 import minimtp.engine as engine_mod
+import minimtp.request as request_mod
 from minimtp.controls import Penalties, make_controls
 from minimtp.grammar import grammar_source
 from minimtp.sampling import SamplingParams, process_logits
@@ -169,7 +170,7 @@ def _old_generators(seed, n):  # the pre-fix scheme: sequence i of seed s used s
 
 
 def test_power_old_seed_scheme_is_rejected(monkeypatch):
-    monkeypatch.setattr(engine_mod, "make_generators", _old_generators)
+    monkeypatch.setattr(request_mod, "make_generators", _old_generators)
     eng = make_engine(*pair(), tokenizer=TOK, draft_mode="sample")
     pooled = [t for s in range(60) for t in sample("repetition1.5", 50, seed=1000 + s, engine=eng)]
     res = gof(pooled, exact("repetition1.5"))
@@ -180,13 +181,13 @@ def test_power_old_seed_scheme_is_rejected(monkeypatch):
 def test_power_lagging_controls_are_rejected(case, monkeypatch):
     """Verify and draft rows adjusted with the emitted tokens only (the drafts before the row ignored)."""
 
-    def fixed_rows(run, seqs, logits, drafts, first, rows):  # every row adjusted with s.out only
-        if not run.controlled:
+    def fixed_rows(seqs, logits, drafts, first, rows):  # every row adjusted with s.out only
+        if not any(s.controls.active for s in seqs):
             return logits
         y = logits.double() if logits.dtype == torch.float64 else logits.float()
         for b, s in enumerate(seqs):
             for r in range(rows[b]):
-                y[b, r] = run.controls[s.idx](y[b, r][None], [list(s.out)])[0]
+                y[b, r] = s.controls(y[b, r][None], [list(s.out)])[0]
         return y
 
     monkeypatch.setattr(engine_mod, "_controlled", fixed_rows)

@@ -219,9 +219,10 @@ def test_speculative_matches_exact_full_grid(setting, mode, k):
 
 
 def _spy_raw_logits(engine):
-    """Wrap ``engine._draft`` so it returns, alongside the real drafts, softmax(RAW drafter logits) as q:
-    what transformers hands to its sampled-draft rule (no temperature / top-k on q)."""
-    orig_draft, assistant = engine._draft, engine.assistant
+    """Wrap ``engine._draft`` so it returns, alongside the real drafts, softmax(RAW drafter logits) as q, and
+    ``engine.verify`` so it verifies with that q: what transformers hands to its sampled-draft rule (no temperature /
+    top-k on q), also for argmax drafts."""
+    orig_draft, orig_verify, assistant, raw_q = engine._draft, engine.verify, engine.assistant, []
 
     def _draft(run, seqs, ks):
         raw = []
@@ -237,9 +238,13 @@ def _spy_raw_logits(engine):
             drafts, _ = orig_draft(run, seqs, ks)
         finally:
             del assistant.step
-        return drafts, torch.softmax(torch.stack(raw, 1).float(), -1)
+        raw_q[:] = [torch.softmax(torch.stack(raw, 1).float(), -1)]
+        return drafts, raw_q[0]
 
-    engine._draft = _draft
+    def verify(probs, drafts, _q, *rest):
+        return orig_verify(probs, drafts, raw_q[0], *rest)
+
+    engine._draft, engine.verify = _draft, verify
 
 
 def _inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -195,13 +195,13 @@ class Oracle:
         original = engine._draft
 
         def draft(run, seqs, ks):
-            self.rows = [(s.idx, s.cache_len) for s in seqs]
+            self.rows = [(s.index, s.cache_len) for s in seqs]
             self.j = 0
             for s in seqs:
                 # the engine hands the drafter the target's hidden state at p - 1
-                want = self.target.forward_with_kv(torch.tensor([self.full[s.idx][: s.cache_len]]))[1][0, -1]
+                want = self.target.forward_with_kv(torch.tensor([self.full[s.index][: s.cache_len]]))[1][0, -1]
                 assert (s.hidden - want).abs().max().item() <= 1e-4
-                assert s.pending == self.full[s.idx][s.cache_len]
+                assert s.pending == self.full[s.index][s.cache_len]
             out = original(run, seqs, ks)
             for idx, _ in self.rows:
                 self.rounds[idx] += 1

@@ -156,9 +156,10 @@ def test_round_context_equals_paged_context(saved):
     blocks (DraftPagedContext) up to float32 summation order (measured ≤ 1e-6; bound 1e-5): ragged batch, sliding
     window wrapped several times (W = 8), block size 4, freed blocks."""
     from minimtp.attention import DraftPagedContext
-    from minimtp.engine import Engine, _Run, _Seq
+    from minimtp.engine import Engine
     from minimtp.kv_cache import KVCache
-    from minimtp.sampling import SamplingParams
+    from minimtp.request import Request
+    from minimtp.scheduler import Scheduler
 
     target = minimtp.load_target(saved("e2b")[0])
     assistant = minimtp.load_assistant(saved("e2b")[1], target)
@@ -166,14 +167,14 @@ def test_round_context_equals_paged_context(saved):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 17, 40)]
     cache = KVCache.for_requests(target.config, [len(p) for p in prompts], 8, 4, keep=9, block_size=4)
-    run = _Run(cache, SamplingParams(), 4, "argmax", [], set(), 8, minimtp.Stats())
-    seqs = [_Seq(i, p) for i, p in enumerate(prompts)]
+    run = Scheduler(engine, cache)
+    seqs = [Request(p, k=4, max_new=8, id=i) for i, p in enumerate(prompts)]
     for s in seqs:
-        cache.add(s.idx)
+        cache.add(s.id)
     out, cu = engine._target_forward(run, seqs, [s.prompt for s in seqs])
     for s in seqs:
         s.cache_len = len(s.prompt)
-        cache.trim_window(s.idx, s.cache_len)  # freed blocks must not be read by either context
+        cache.trim_window(s.id, s.cache_len)  # freed blocks must not be read by either context
     p = torch.tensor([s.cache_len for s in seqs])
     hidden = out.hidden[torch.tensor(cu[1:]) - 1]
     emb = target.embed(torch.tensor([7, 8, 9]))

@@ -152,6 +152,20 @@ def _read(f, path: str, name: str, shape: tuple[int, ...], dtype: torch.dtype, d
     return t.to(device=device, dtype=dtype if file_dtype in _FLOAT_FILE_DTYPES else t.dtype)
 
 
+def stored_head_differs(model_dir, aliases: Callable[[str], tuple[str, ...]] = default_aliases) -> bool:
+    """True iff the checkpoint stores an ``lm_head.weight`` that is not its input embedding (a tied config's head is
+    normally not saved; when it is saved and differs, the checkpoint's head is the model's)."""
+    weight_map = find_weight_files(model_dir)
+    head = next((n for n in ("lm_head.weight", "model.language_model.lm_head.weight") if n in weight_map), None)
+    embed = next((n for n in aliases("model.embed_tokens.weight") if n in weight_map), None)
+    if head is None or embed is None:
+        return False
+    with _open(weight_map[head]) as f:
+        h = f.get_tensor(head)
+    with _open(weight_map[embed]) as f:
+        return tuple(h.shape) != tuple(f.get_slice(embed).get_shape()) or not torch.equal(h, f.get_tensor(embed))
+
+
 def load_weights(
     model_dir,
     expected: Mapping[str, tuple[int, ...]],

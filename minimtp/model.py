@@ -318,13 +318,19 @@ def load_target(path, dtype=torch.float32, device="cpu") -> Gemma4:
     """Load a Gemma 4 target from a local Hugging Face directory (``gemma4_text`` or the multimodal ``gemma4``
     layout; vision/audio towers are never read). Weights are read tensor by tensor into a model built on the meta
     device, so no second full copy is made."""
+    import dataclasses
     import os
+    import warnings
 
-    from minimtp.checkpoint import load_weights, parse_dtype
+    from minimtp.checkpoint import load_weights, parse_dtype, stored_head_differs
     from minimtp.config import load_text_config
 
     path = os.fspath(path)
     cfg = load_text_config(path)
+    if cfg.tie_word_embeddings and stored_head_differs(path):  # never replace a stored head with the embedding
+        warnings.warn(f"{path}: config.json ties the LM head to the embedding, but the checkpoint stores a different "
+                      "lm_head.weight: using the stored head", stacklevel=2)  # fmt: skip
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Gemma4(cfg)

@@ -416,3 +416,37 @@ def test_peak_memory_is_one_copy(tmp_path):
     loaded = n * mb
     assert report["current"] >= 0.9 * loaded, report  # the weights really are resident (test is not vacuous)
     assert report["peak"] <= 1.3 * loaded + 30 * 2**20, report
+
+
+# --- the LM head ---------------------------------------------------------------------------------------------
+
+
+def test_a_stored_head_is_never_replaced_by_the_embedding(saved, tmp_path):
+    """config.json says tied, but model.safetensors stores an lm_head.weight that differs: the stored head is used
+    (with a warning), exactly as the same checkpoint with tie_word_embeddings false; an equal stored head stays tied."""
+    import json
+    import warnings
+
+    import minimtp
+
+    src = saved("text")
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+    head = torch.randn(embed.shape, generator=torch.Generator().manual_seed(0)).to(embed.dtype)
+    ids = torch.tensor([[2, 17, 5, 11]])
+    for name, stored, tie_in_config in (("differs", head, True), ("untied", head, False), ("equal", embed, True)):
+        d = copy_dir(src, tmp_path / name)
+        save_file({**tensors, "lm_head.weight": stored.clone()}, os.path.join(d, "model.safetensors"))
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        cfg["tie_word_embeddings"] = tie_in_config
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = minimtp.load_target(d)
+        warned = any("stores a different lm_head.weight" in str(w.message) for w in caught)
+        assert warned == (name == "differs"), name
+        assert torch.equal(m.lm_head_weight, stored.float()), name
+        if name == "differs":
+            differs = m(ids)
+        if name == "untied":
+            assert torch.equal(m(ids), differs)

@@ -307,6 +307,10 @@ def main(argv=None) -> int:
         from minimtp.bench_controls import main as controls_main
 
         return controls_main(argv[1:])
+    if argv[:1] == ["serve"]:  # python -m minimtp.bench serve: the server's throughput and latency by concurrency
+        from minimtp.bench_serve import main as serve_main
+
+        return serve_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m minimtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--assistant", default=None)

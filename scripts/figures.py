@@ -11,7 +11,9 @@ The docs build calls :func:`render` through ``docs/hooks/figures.py``, which add
 * ``block-table.png``: a paged KV cache's block table before and after a rollback and a sliding-window trim,
   read from the real :class:`minimtp.kv_cache.KVCache` driven through one round;
 * ``acceptance-by-position.png``: measured acceptance per draft position (``docs/assets/bench/bench.json``)
-  against the i.i.d. model alpha^j.
+  against the i.i.d. model alpha^j;
+* ``scheduler-timeline.png``: four requests through the real :class:`minimtp.scheduler.Scheduler` step by step
+  (waiting, prefill, rounds, retired; one preempted on a full KV pool and recomputed), with the pool's use.
 """
 
 from __future__ import annotations
@@ -352,6 +354,152 @@ def acceptance_by_position(path: Path = BENCH_JSON):
     return fig
 
 
+# ------------------------------------------------------------------------------------------------ (e) scheduler
+
+SCHED_REQUESTS = [  # name, arrival step, prompt tokens, max new tokens, k (0 = plain), accepted drafts per round
+    ("A", 0, 6, 14, 3, (2, 3, 1)),
+    ("B", 0, 5, 9, 3, (0, 1, 3)),
+    ("C", 1, 7, 12, 3, (3, 2, 2)),
+    ("D", 2, 4, 5, 0, (0,)),
+]
+
+
+def scheduler_timeline_states(num_blocks: int = 10, block_size: int = 4, max_num_seqs: int = 3) -> dict:
+    """Drive the real Scheduler (admit, reserve + preempt, retire, over a real KVCache of ``num_blocks`` blocks)
+    through SCHED_REQUESTS with a stand-in engine: the bookkeeping of Engine._prefill / Engine._round (cache length,
+    rollback, budget) with the scripted number of accepted drafts instead of the models. Returns per request the
+    label of each step ("waiting", "prefill", "recompute", "preempted", the tokens a round emitted) and the step it
+    retired in, and the KV blocks held during each step's round."""
+    import minimtp
+    from minimtp.config import load_text_config
+    from minimtp.kv_cache import KVCache
+    from minimtp.request import Request
+    from minimtp.scheduler import Scheduler
+
+    cfg = load_text_config(os.path.join(os.path.dirname(minimtp.__file__), "default_model", "target"))
+    cache = KVCache(cfg, {t: num_blocks for t in set(cfg.layer_types)}, block_size)
+    pool = next(iter(cache.num_blocks))
+    cells: dict[int, dict[int, list[str]]] = {i: {} for i in range(len(SCHED_REQUESTS))}
+    held, running, kept, step = {}, {}, {}, 0
+    mark = lambda r, label: cells[r.index].setdefault(step, []).append(label)
+
+    def emit(r, n):
+        n = min(n, r.max_new - len(r.out))
+        r.out += [0] * n  # token ids do not matter to the scheduler
+        r.done = "length" if len(r.out) >= r.max_new else None
+        return n
+
+    class Scripted:
+        def _prefill(self, run, seqs):
+            for r in seqs:
+                mark(r, "recompute" if r.out else "prefill")
+                r.cache_len = len(r.prompt) + max(len(r.out) - 1, 0)  # a preempted request keeps its tokens
+                if not r.out:
+                    emit(r, 1)
+
+        def _round(self, run, active):
+            held[step], running[step] = cache.num_blocks[pool] - len(cache.free_blocks[pool]), len(active)
+            for r in active:
+                k = max(0, min(r.k, r.max_new - len(r.out) - 1))
+                script = SCHED_REQUESTS[r.index][5]
+                n = min(k, script[r.stats.draft_rounds % len(script)])
+                r.stats.draft_rounds += 1
+                r.cache_len += 1 + n
+                run.cache.truncate(r.id, r.cache_len)  # roll back the rejected drafts
+                mark(r, f"+{emit(r, n + 1)}")
+
+    sched = Scheduler(Scripted(), cache, max_num_seqs=max_num_seqs)
+    real_preempt = sched._preempt
+
+    def preempt(r):
+        mark(r, "preempted")
+        kept[r.index] = len(r.out)
+        real_preempt(r)
+
+    sched._preempt = preempt
+    reqs = [Request(list(range(n)), k=k, max_new=m, index=i) for i, (_, _, n, m, k, _) in enumerate(SCHED_REQUESTS)]
+    retired = {}
+    while step == 0 or sched.has_work:
+        for r, spec in zip(reqs, SCHED_REQUESTS):
+            if spec[1] == step:
+                sched.add(r)
+        waiting = set(sched.waiting)
+        for r in sched.step():
+            retired[r.index] = step
+        for r in reqs:
+            if (r in waiting or r in sched.waiting) and step not in cells[r.index]:
+                mark(r, "waiting")
+        step += 1
+    assert len(kept) == 1, "the picture shows one preemption"
+    [(preempted, tokens)] = kept.items()
+    assert any("recompute" in v for v in cells[preempted].values()), "it is recomputed"
+    assert all(len(r.out) == r.max_new and r.done == "length" for r in reqs), "every request finishes"
+    assert max(running.values()) <= max_num_seqs and not cache.tables, "batch bound kept, every block released"
+    assert sorted(cache.free_blocks[pool]) == list(range(num_blocks)), "blocks leaked"
+    return {"cells": cells, "retired": retired, "held": held, "steps": step, "num_blocks": num_blocks,
+            "max_num_seqs": max_num_seqs, "preempted": preempted, "kept": tokens}  # fmt: skip
+
+
+def scheduler_timeline():
+    st = scheduler_timeline_states()
+    cells, steps = st["cells"], st["steps"]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(9.6, 5.6), gridspec_kw={"height_ratios": [3, 1.25]}, sharex=True)
+    n_req = len(SCHED_REQUESTS)
+    style = {
+        "waiting": ("#eceff1", GREY, None),
+        "prefill": ("#fff3e0", RESID, None),
+        "recompute": ("#fff3e0", RESID, "///"),
+        "preempted": ("#ffebee", REJECT, None),
+        "round": ("#e8f5e9", ACCEPT, None),
+    }
+    for i, (name, _, plen, max_new, k, _) in enumerate(SCHED_REQUESTS):
+        y = n_req - 1 - i
+        for s in range(steps):
+            labels = cells[i].get(s, [])
+            for j, label in enumerate(labels):
+                kind = "round" if label.startswith("+") else label
+                color, edge, hatch = style[kind]
+                w = 0.9 / len(labels)
+                x0 = s + 0.05 + j * w
+                ax.add_patch(Rectangle((x0, y - 0.35), w, 0.7, facecolor=color, edgecolor=edge, hatch=hatch, lw=1.0))
+                text = {"waiting": "wait", "recompute": "recomp."}.get(label, label)
+                bbox = dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8) if hatch else None
+                ax.text(x0 + w / 2, y, text, ha="center", va="center", fontsize=7.5 if len(labels) > 1 else 8.5,
+                        color=P_DARK, bbox=bbox)  # fmt: skip
+        end = st["retired"][i]
+        ax.text(end + 1.02, y, "✓ retired", ha="left", va="center", fontsize=8.5, color=ACCEPT)
+        desc = f"{name}: prompt {plen}, {max_new} tokens,\n" + (f"k = {k}" if k else "plain (k = 0)")
+        ax.text(-0.15, y, desc, ha="right", va="center", fontsize=8.5, color=P_DARK)
+    p = st["preempted"]
+    ax.text(st["retired"][p] + 2.1, n_req - 1 - p, f"preempted with {st['kept']} tokens, kept;\nrecomputed from "
+            "prompt + tokens so far", ha="left", va="center", fontsize=8, color=REJECT)  # fmt: skip
+    ax.set_ylim(-0.6, n_req - 0.4)
+    ax.set_yticks([])
+    ax.spines[["top", "right", "left", "bottom"]].set_visible(False)
+    ax.tick_params(bottom=False)
+    title = f"max_num_seqs = {st['max_num_seqs']}, a pool of {st['num_blocks']} KV blocks"
+    ax.set_title(f"Continuous batching: four requests through minimtp.scheduler.Scheduler ({title})", fontsize=10.5,
+                 loc="left")  # fmt: skip
+    handles = [Rectangle((0, 0), 1, 1, facecolor=c, edgecolor=e, hatch=h, label=lab) for lab, (c, e, h) in
+               zip(["waiting", "prefill (admitted)", "recompute (re-admitted)", "preempted: blocks freed",
+                    "round: +tokens emitted"], style.values())]  # fmt: skip
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=5, frameon=False, fontsize=8)
+    xs = sorted(st["held"])
+    bx.bar([x + 0.5 for x in xs], [st["held"][x] for x in xs], width=0.6, color=OWNER[0])
+    bx.axhline(st["num_blocks"], color=REJECT, lw=1.0, ls="--")
+    bx.text(
+        steps + 0.2, st["num_blocks"] + 0.2, f"pool: {st['num_blocks']} blocks", va="bottom", fontsize=8, color=REJECT
+    )
+    bx.set_ylim(0, st["num_blocks"] + 1.5)
+    bx.set_ylabel("KV blocks held\nduring the round", fontsize=8.5)
+    bx.set_xticks([s + 0.5 for s in range(steps)], [str(s) for s in range(steps)])
+    bx.set_xlabel("scheduler step (retire, admit, reserve + preempt, round, retire)")
+    bx.set_xlim(-0.1, steps + 2.6)
+    bx.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 
 FIGURES: dict[str, Callable] = {
@@ -359,6 +507,7 @@ FIGURES: dict[str, Callable] = {
     "residual-bars.png": residual_bars,
     "block-table.png": block_table,
     "acceptance-by-position.png": acceptance_by_position,
+    "scheduler-timeline.png": scheduler_timeline,
 }
 
 

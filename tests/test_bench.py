@@ -47,3 +47,25 @@ def test_bench_runs_end_to_end(tmp_path, capsys):
     assert report["transformers"]["plain"] > 0 and report["transformers"]["assisted"] > 0
     for f in ("bench.md", "speedup_vs_k.png", "acceptance_by_position.png"):
         assert (tmp_path / f).stat().st_size > 0
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors")), reason="no pair")
+def test_bench_serve_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    rc = main(
+        ["serve", "--concurrency", "1,2", "--requests-per-level", "2", "--max-tokens", "4", "--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    k = json.loads((tmp_path / "serve.json").read_text())["k"]
+    for c in (1, 2):
+        assert f"| {c} | yes (k={k}) | 2 |" in out and f"| {c} | no | 2 |" in out
+    assert "Server overhead at concurrency 1" in out
+    report = json.loads((tmp_path / "serve.json").read_text())
+    assert {(r["concurrency"], r["k"]) for r in report["rows"]} == {(1, k), (1, 0), (2, k), (2, 0)}
+    for r in report["rows"]:
+        assert r["tokens"] == 2 * 4 and r["tok_s"] > 0 and r["ttft_p50_ms"] > 0
+    assert report["overhead"][str(k)]["offline_tok_s"] > 0
+    for f in ("serve.md", "serve.png"):
+        assert (tmp_path / f).stat().st_size > 0

@@ -59,8 +59,29 @@ def test_acceptance_rows_read_the_benchmark(figures):
     assert all(0.0 <= a <= 1.0 for r in rows for a in r["per_position"])
 
 
+def test_scheduler_timeline_comes_from_the_real_scheduler(figures):
+    st = figures.scheduler_timeline_states()  # asserts: one preemption, recomputed, all finish, no block leaked
+    cells, p = st["cells"], st["preempted"]
+    assert figures.SCHED_REQUESTS[p][0] == "C"  # the newest running request is the one preempted
+    steps = sorted(cells[p])
+    first = steps[0]
+    assert cells[p][first][0] == "prefill" and ["preempted"] in cells[p].values()
+    assert [s for s in steps if "recompute" in cells[p][s]] and st["kept"] > 1
+    for i, (_, arrive, _, max_new, _, _) in enumerate(figures.SCHED_REQUESTS):
+        emitted = sum(int(x[1:]) for v in cells[i].values() for x in v if x.startswith("+"))
+        assert emitted + 1 == max_new and min(cells[i]) == arrive  # prefill's token + the rounds'
+    assert max(st["held"].values()) <= st["num_blocks"]
+
+
 @pytest.mark.parametrize(
-    "name", ["round-timeline.png", "residual-bars.png", "block-table.png", "acceptance-by-position.png"]
+    "name",
+    [
+        "round-timeline.png",
+        "residual-bars.png",
+        "block-table.png",
+        "acceptance-by-position.png",
+        "scheduler-timeline.png",
+    ],
 )
 def test_figure_renders_a_non_empty_png(figures, name):
     from PIL import Image

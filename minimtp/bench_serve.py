@@ -1,0 +1,271 @@
+"""``python -m minimtp.bench serve``: the server under load - throughput and latency by concurrency, with and
+without the assistant, and what the HTTP layer costs.
+
+Method (docs: guides/serving): one server in this process (``minimtp.serve.create``, its engine thread, uvicorn on
+a free loopback port); for each concurrency level c, ``--requests-per-level`` streaming ``/v1/completions``
+requests from ``openai.AsyncOpenAI``, c in flight at a time, greedy, ``ignore_eos`` (exactly ``--max-tokens``
+tokens each), the code prompts of ``minimtp.bench.PROMPTS`` in turn; with the assistant (per-request
+``num_speculative_tokens`` = the default k) and without (0) on the same server, both warmed up at each level.
+
+* TTFT: from sending a request to its first chunk with text.
+* ITL: each later chunk with text adds its gap since the previous one divided by its tokens, once per token (as
+  the server's histogram does). The stream carries text, not ids, so a chunk's tokens are counted afterwards by
+  re-tokenizing the text so far (serve.json gives that total beside the exact ``usage``); a chunk that adds no
+  token folds its gap into the next.
+* aggregate tok/s: the level's completion tokens (``usage``) / its wall time.
+* overhead: the concurrency-1 prompts through the server's engine offline (``Engine.generate``, server idle), tok/s
+  of the server over offline. Client and server share this process, so the client's cost counts as overhead.
+  The greedy texts of every level are compared with the offline ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+from minimtp.bench import PROMPTS
+
+PAIR = ("--model", "--assistant", "--num-speculative-tokens", "--dtype", "--draft-dtype", "--reference",
+        "--draft-mode", "--attention", "--verifier")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minimtp.serve import build_parser as serve_parser
+
+    p = argparse.ArgumentParser(prog="python -m minimtp.bench serve", description=__doc__.split("\n\n")[0])
+    for a in serve_parser()._actions:  # the model-pair flags of python -m minimtp.serve (and .generate)
+        if set(a.option_strings) & set(PAIR):
+            p._add_action(a)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a 2-vCPU VM)")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels (1 is always run)")
+    p.add_argument("--requests-per-level", type=int, default=None, help="default: max(8, 2 x concurrency)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (ignore_eos)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="server batch size (default: the top level)")
+    p.add_argument("--out", default="bench_results", help="directory for serve.md, serve.json and serve.png")
+    return p
+
+
+def start_server(args, max_num_seqs: int):
+    """(serving engine, uvicorn server, its thread, port): ``minimtp.serve.create`` with the bench's settings,
+    uvicorn on a free loopback port in a daemon thread."""
+    import uvicorn
+
+    from minimtp.serve import build_parser as serve_parser
+    from minimtp.serve import create
+
+    sargs = serve_parser().parse_args([])
+    for flag in PAIR:
+        dest = flag[2:].replace("-", "_")
+        setattr(sargs, dest, getattr(args, dest))
+    sargs.threads, sargs.api_key, sargs.max_num_seqs, sargs.max_waiting = args.threads, None, max_num_seqs, max_num_seqs
+    sargs.max_model_len = 256 + args.max_tokens  # the prompts are short; the pool fits max_num_seqs of these
+    app, serving = create(sargs)
+    serving.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bench-uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the bench's uvicorn server did not start")
+        time.sleep(0.01)
+    return serving, server, thread, sock.getsockname()[1]
+
+
+async def one_request(client, model: str, prompt: str, max_tokens: int, k: int) -> dict:
+    t0 = time.perf_counter()
+    extra = {"ignore_eos": True, "num_speculative_tokens": k}
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, extra_body=extra)  # fmt: skip
+    times, ends, text, tokens = [], [], "", 0
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        delta = chunk.choices[0].text if chunk.choices else ""
+        if delta:
+            text += delta
+            times.append(now - t0)
+            ends.append(len(text))
+    return dict(prompt=prompt, text=text, tokens=tokens, times=times, ends=ends, e2e_s=time.perf_counter() - t0)
+
+
+async def run_level(client, model: str, prompts: list[str], c: int, n: int, max_tokens: int, k: int):
+    """n requests, c in flight at a time: (results, wall seconds)."""
+    gate = asyncio.Semaphore(c)
+
+    async def task(i):
+        async with gate:
+            return await one_request(client, model, prompts[i % len(prompts)], max_tokens, k)
+
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(task(i) for i in range(n)))
+    return res, time.perf_counter() - t0
+
+
+def itl_samples(r: dict, count) -> tuple[list[float], int]:
+    """Inter-token gaps of one streamed request (module docstring) and the re-tokenized token count."""
+    prefix = [count(r["text"][:e]) for e in r["ends"]]
+    out, last_t, last_n = [], r["times"][0] if r["times"] else 0.0, prefix[0] if prefix else 0
+    for t, n in zip(r["times"][1:], prefix[1:]):
+        if n > last_n:
+            out += [(t - last_t) / (n - last_n)] * (n - last_n)
+            last_t, last_n = t, n
+    return out, prefix[-1] if prefix else 0
+
+
+def summarize(res: list[dict], wall: float, c: int, k: int, count) -> dict:
+    import numpy as np
+
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")
+    ttft = [r["times"][0] for r in res if r["times"]]
+    itl, counted = [], 0
+    for r in res:
+        gaps, n = itl_samples(r, count)
+        itl += gaps
+        counted += n
+    tokens = sum(r["tokens"] for r in res)
+    return dict(concurrency=c, k=k, requests=len(res), tokens=tokens, retokenized_tokens=counted, wall_s=wall,
+                tok_s=tokens / wall, ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50),
+                itl_p99_ms=pct(itl, 99), e2e_p50_ms=pct([r["e2e_s"] for r in res], 50))  # fmt: skip
+
+
+async def run_levels(port: int, model: str, levels: list[int], args, ks: list[int], count):
+    """Every level, each draft length of ``ks`` (warm-ups first): (summary rows, {(c, k): [(prompt, text)]})."""
+    import openai
+
+    prompts = PROMPTS["code"]
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=3600)
+    rows, texts = [], {}
+    for c in levels:
+        n = args.requests_per_level or max(8, 2 * c)
+        for kk in ks:
+            await run_level(client, model, prompts, c, c, min(4, args.max_tokens), kk)  # warm-up at this level
+        for kk in ks:
+            res, wall = await run_level(client, model, prompts, c, n, args.max_tokens, kk)
+            rows.append(summarize(res, wall, c, kk, count))
+            texts[(c, kk)] = [(r["prompt"], r["text"]) for r in res]
+    await client.close()
+    return rows, texts
+
+
+def offline(engine, tok, args, k: int, n: int) -> tuple[float, dict]:
+    """tok/s of the concurrency-1 level's n prompts through ``engine.generate`` one by one, and each prompt's text."""
+    prompts = PROMPTS["code"]
+    gen = dict(max_new_tokens=args.max_tokens, temperature=0.0, stop_token_ids=[], num_speculative_tokens=max(k, 1),
+               use_assistant=k > 0)  # fmt: skip
+    engine.generate([tok(prompts[0])["input_ids"]], **{**gen, "max_new_tokens": min(4, args.max_tokens)})  # warm-up
+    tokens, texts, t0 = 0, {}, time.perf_counter()
+    for i in range(n):
+        r = engine.generate([tok(prompts[i % len(prompts)])["input_ids"]], **gen)
+        tokens += len(r.tokens[0])
+        texts[prompts[i % len(prompts)]] = r.texts[0] if r.texts else None
+    return tokens / (time.perf_counter() - t0), texts
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cols = "concurrency | assistant | requests | aggregate tok/s | p50 TTFT ms | p99 TTFT ms | p50 ITL ms | p99 ITL ms"
+    out = [header, "", f"| {cols} |", "|---" * 8 + "|"]
+    for r in rows:
+        yes = f"yes (k={r['k']})" if r["k"] else "no"
+        out.append(f"| {r['concurrency']} | {yes} | {r['requests']} | "
+                   f"{r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
+                   f"{r['itl_p99_ms']:.1f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    levels = sorted({r["concurrency"] for r in rows})
+    for k in sorted({r["k"] for r in rows}, reverse=True):
+        rs = [r for r in rows if r["k"] == k]
+        label = f"assistant (k = {k})" if k else "no assistant"
+        for ax, key in zip(axes, ("tok_s", "ttft_p50_ms")):
+            ax.plot([r["concurrency"] for r in rs], [r[key] for r in rs], "o-", label=label)
+    for ax, ylabel in zip(axes, ("aggregate tok/s", "p50 TTFT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from minimtp.errors import MinimtpError
+    from minimtp.fast import weights_dtype
+
+    if args.model and not args.assistant:
+        print("error: --assistant DIR is required with --model", file=sys.stderr)
+        return 2
+    levels = sorted({1, *(int(x) for x in args.concurrency.split(","))})
+    import torch
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    try:
+        serving, server, thread, port = start_server(args, args.max_num_seqs or max(levels))
+    except MinimtpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine, tok = serving.engine, serving.engine.tokenizer
+    k = 0 if args.num_speculative_tokens == 0 else args.num_speculative_tokens or engine.default_num_speculative_tokens
+    ks = [k, 0] if k else [0]  # with the assistant (the default k), then plain
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    model = "minimtp-default" if args.model is None else os.path.basename(args.model.rstrip("/"))
+    try:
+        rows, texts = asyncio.run(run_levels(port, model, levels, args, ks, count))
+        n1 = rows[0]["requests"]
+        overhead = {}
+        for kk in ks:  # the server is idle now: its engine can run offline
+            tps, off_texts = offline(engine, tok, args, kk, n1)
+            server_tps = next(r["tok_s"] for r in rows if r["concurrency"] == 1 and r["k"] == kk)
+            overhead[kk] = dict(offline_tok_s=tps, server_tok_s=server_tps, ratio=server_tps / tps)
+            for r in rows:
+                if r["k"] == kk:
+                    got = texts[(r["concurrency"], kk)]
+                    r["same_text_as_offline"] = sum(off_texts.get(p) == t for p, t in got)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        serving.stop()
+    header = (f"minimtp bench serve: {model} ({weights_dtype(engine.target)}, assistant "
+              f"{weights_dtype(engine.assistant)}), {'reference Engine' if args.reference else 'FastEngine'}, "
+              f"{args.threads} thread(s), greedy, {args.max_tokens} tokens per request (ignore_eos), code prompts, "
+              f"streaming /v1/completions")  # fmt: skip
+    md = markdown(rows, header)
+    md += "\n\nServer overhead at concurrency 1 (same prompts, offline `Engine.generate` on the server's engine): " + (
+        "; ".join(f"{'assistant (k=' + str(kk) + ')' if kk else 'no assistant'}: server {o['server_tok_s']:.1f} "
+                  f"tok/s vs offline {o['offline_tok_s']:.1f} tok/s = **{o['ratio']:.2f}x**"
+                  for kk, o in overhead.items()))  # fmt: skip
+    md += "\n\nGreedy texts equal to offline `Engine.generate`: " + ", ".join(
+        f"c={r['concurrency']}{'' if r['k'] else ' plain'} {r['same_text_as_offline']}/{r['requests']}" for r in rows
+    )
+    os.makedirs(args.out, exist_ok=True)
+    report = {"rows": rows, "overhead": {str(kk): o for kk, o in overhead.items()}, "k": k, "args": vars(args)}
+    for name, text in (("serve.md", md + "\n"), ("serve.json", json.dumps(report, indent=1))):
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(text)
+    plot(rows, os.path.join(args.out, "serve.png"))
+    print(md)
+    print(f"\nwrote {args.out}/serve.md, serve.json, serve.png")
+    return 0

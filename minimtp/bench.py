@@ -299,8 +299,24 @@ def top_p_ms(V: int = 262_144, rows: int = 1, peaked: bool = True, reps: int = 7
     return tuple(median_ms(lambda f=f: f(x, params), reps) / rows for f in (process_logits, fast_process_logits))
 
 
+def load_bench_pair(args):
+    """(model dir, assistant dir, tokenizer, (target, assistant, engine)) as the shared flags ask, after setting the
+    thread count; the embedded pair without --model. Raises MinimtpError (one line)."""
+    import torch
+
+    from minimtp.errors import ConfigError
+    from minimtp.generate import DEFAULT_DIR, load_pair, load_tokenizer
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
+    asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
+    if asst_dir is None:
+        raise ConfigError("--assistant DIR is required with --model")
+    return model_dir, asst_dir, load_tokenizer(model_dir), load_pair(model_dir, asst_dir, args)
+
+
 def main(argv=None) -> int:
-    from minimtp.generate import DEFAULT_DIR
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["controls"]:  # python -m minimtp.bench controls: the cost of each decoding control
@@ -333,18 +349,9 @@ def main(argv=None) -> int:
 
     from minimtp.errors import MinimtpError
     from minimtp.fast import weights_dtype
-    from minimtp.generate import load_pair, load_tokenizer
 
     try:
-        torch.set_flush_denormal(True)
-        torch.set_num_threads(args.threads)
-        model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
-        asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
-        if asst_dir is None:
-            print("error: --assistant DIR is required with --model", file=sys.stderr)
-            return 2
-        tok = load_tokenizer(model_dir)
-        target, assistant, engine = load_pair(model_dir, asst_dir, args)
+        model_dir, asst_dir, tok, (target, _, engine) = load_bench_pair(args)
         dtype = weights_dtype(target)  # what --dtype resolved to
         ks = [int(x) for x in args.ks.split(",")]
         kinds = args.prompts.split(",")

@@ -136,7 +136,6 @@ def real_vocab_ms(reps: int = 7, V: int = 262_144, history: int = 1000) -> dict:
 
 
 def main(argv=None) -> int:
-    from minimtp.generate import DEFAULT_DIR
 
     p = argparse.ArgumentParser(prog="python -m minimtp.bench controls", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -154,18 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_results")
     args = p.parse_args(argv)
 
-    import torch
-
+    from minimtp.bench import load_bench_pair
     from minimtp.errors import MinimtpError
-    from minimtp.generate import load_pair, load_tokenizer
 
     try:
-        torch.set_flush_denormal(True)
-        torch.set_num_threads(args.threads)
-        model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
-        asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
-        tok = load_tokenizer(model_dir)
-        _, _, engine = load_pair(model_dir, asst_dir, args)
+        _, _, tok, (_, _, engine) = load_bench_pair(args)
         engine._tokenizer = tok
         rows, js, real = run_controls(engine, tok, args), json_acceptance(engine, tok, args), real_vocab_ms()
     except MinimtpError as e:

@@ -122,9 +122,11 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
                 "max_model_len": max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
 
-    def settings(body: _Body, max_tokens: int | None, grammar_kw: dict) -> dict:
+    def settings(body: _Body, max_tokens: int | None, grammar_kw: dict, max_name: str = "max_tokens") -> dict:
         if body.model is not None and body.model != model_name:
             raise BadRequest(f"model {body.model!r} does not exist (this server serves {model_name!r})", 404, "model")
+        if max_tokens is not None and max_tokens < 1:  # the API's name, not Engine.generate's max_new_tokens
+            raise BadRequest(f"{max_name}={max_tokens}: expected an integer >= 1", param=max_name)
         if body.n != 1:
             raise BadRequest(f"n={body.n} is not supported: expected 1", param="n")
         k = default_k if body.num_speculative_tokens is None else body.num_speculative_tokens
@@ -237,7 +239,8 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
         except Exception as e:  # jinja / message-shape errors, one line
             raise BadRequest(f"messages: cannot apply the chat template ({str(e).splitlines()[0]})") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        kw = settings(body, body.max_completion_tokens or body.max_tokens, _response_format(body.response_format))
+        name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # 0 is not "unset"
+        kw = settings(body, getattr(body, name), _response_format(body.response_format), name)
         return await run(make_request(ids, kw), True, f"chatcmpl-{uuid.uuid4().hex}", len(ids), body.stream)
 
     return app

@@ -141,6 +141,8 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
         kw.update(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         kw.update(num_speculative_tokens=max(k, 1), use_assistant=k > 0)
         kw["stop_token_ids"] = [] if body.ignore_eos else body.stop_token_ids
+        if grammar_kw and any(g is not None for g in (body.guided_json, body.guided_regex, body.guided_grammar)):
+            raise BadRequest("response_format and guided_json/guided_regex/guided_grammar given: pass one of them")
         kw.update(json_schema=body.guided_json, regex=body.guided_regex, grammar=body.guided_grammar)
         kw.update(grammar_kw, token_healing=body.token_healing)  # response_format (chat)
         return kw

@@ -577,3 +577,8 @@ def test_load_mixed_concurrent_streams(srv):
     assert finished(after) - finished(before) == 64 - len(INVALID)
     assert srv.http.get("/health").status_code == 200
     print(f"64 concurrent streams in {elapsed:.1f} s")
+
+
+def test_response_format_and_guided_json_together_are_refused(srv):
+    body = {"messages": CHAT, "max_tokens": 4, "response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}
+    assert "response_format" in _error(srv.http.post("/v1/chat/completions", json=body), 400)["message"]

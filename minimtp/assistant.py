@@ -111,7 +111,7 @@ def check_pair(target_cfg: TextConfig, cfg: AssistantConfig, where: str = "assis
 
 
 def load_assistant(path: str | os.PathLike, target: Gemma4, dtype=None, device=None) -> Gemma4Assistant:
-    """Load a ``gemma4_assistant`` checkpoint directory and validate it against ``target`` at load time.
+    """Load a ``gemma4[_unified]_assistant`` checkpoint directory and validate it against ``target`` at load time.
     ``dtype``/``device`` default to the target's; the drafter may run in another dtype than the target (it only
     proposes tokens). Quantized drafters are built from a loaded one by the CPU fast path (``minimtp.fast``)."""
     path = os.fspath(path)

@@ -1,7 +1,8 @@
 """Hugging Face ``config.json`` → frozen dataclasses for the Gemma 4 target and its assistant.
 
 Accepted ``model_type`` values: ``gemma4_text`` (``Gemma4ForCausalLM``), ``gemma4`` (the multimodal container of the
-real ``google/gemma-4-*-it`` checkpoints; its ``text_config`` is used) and ``gemma4_assistant`` (the MTP drafter).
+real ``google/gemma-4-*-it`` checkpoints; its ``text_config`` is used), the 12B's ``gemma4_unified_text`` /
+``gemma4_unified`` (the same decoder, other defaults, no PLE or MoE) and the drafters ``gemma4[_unified]_assistant``.
 Per-layer head dims / KV heads come from either the older ``global_head_dim`` / ``num_global_key_value_heads`` form
 or the ``per_layer_config`` form transformers 5.23 writes (docs: concepts/gemma4-architecture, "Configuration";
 transformers ``models/gemma4/configuration_gemma4.py``, ``Gemma4TextConfig``).
@@ -18,8 +19,12 @@ from dataclasses import dataclass
 from minimtp.errors import ConfigError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-TEXT_TYPES = ("gemma4_text", "gemma4")
+TEXT_TYPES = ("gemma4_text", "gemma4", "gemma4_unified_text", "gemma4_unified")
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+# transformers models/gemma4_unified/configuration_gemma4_unified.py, Gemma4UnifiedTextConfig: the defaults that
+# differ from Gemma4TextConfig's, and the fields it does not have (its decoder layers have no PLE, no MoE block)
+UNIFIED_DEFAULTS = {"sliding_window": 1024, "max_position_embeddings": 262144}
+UNIFIED_ABSENT = {"hidden_size_per_layer_input": 0, "enable_moe_block": False}
 
 
 @dataclass(frozen=True)
@@ -128,8 +133,10 @@ def _int(d: dict, key: str, src: str, default=None, minimum: int = 0) -> int:
     return v
 
 
-def parse_text_config(d: dict, src: str = "config.json") -> TextConfig:
-    """Parse a ``gemma4_text`` dict (or the ``text_config`` of a ``gemma4`` container)."""
+def parse_text_config(d: dict, src: str = "config.json", unified: bool = False) -> TextConfig:
+    """Parse a ``gemma4_text`` or ``gemma4_unified_text`` dict (``unified``: one whose model_type is implied)."""
+    unified = unified or d.get("model_type") == "gemma4_unified_text"
+    d = {**UNIFIED_DEFAULTS, **d, **UNIFIED_ABSENT} if unified else d
     L = _int(d, "num_hidden_layers", src, 30, 1)
     layer_types = d.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L)]
     layer_types = list(layer_types)
@@ -263,15 +270,15 @@ def load_text_config(model_dir: str) -> TextConfig:
     path = os.path.join(model_dir, "config.json")
     d = _read(path)
     mt = d.get("model_type")
-    if mt == "gemma4":
-        d = _req(d, "text_config", path)
-        if d.get("model_type", "gemma4_text") != "gemma4_text":
-            raise ConfigError(f"{path}: text_config.model_type = {d.get('model_type')!r}, expected 'gemma4_text'")
+    if mt in ("gemma4", "gemma4_unified"):  # the multimodal containers: the decoder is their text_config
+        d, mt = _req(d, "text_config", path), mt + "_text"
+        if d.get("model_type", mt) != mt:
+            raise ConfigError(f"{path}: text_config.model_type = {d.get('model_type')!r}, expected {mt!r}")
     elif mt in ASSISTANT_TYPES:
         raise ConfigError(f"{path}: model_type {mt!r} is an assistant (drafter); expected a target: {TEXT_TYPES}")
-    elif mt != "gemma4_text":
+    elif mt not in TEXT_TYPES:
         raise ConfigError(f"{path}: model_type {mt!r} is not supported, expected one of {TEXT_TYPES}")
-    cfg = parse_text_config(d, path)
+    cfg = parse_text_config(d, path, unified=mt == "gemma4_unified_text")
     gen = _generation_config(model_dir)
     eos = gen.get("eos_token_id")
     if eos is not None:  # generation_config's EOS list (e.g. <eos>, <turn|>) wins, as in transformers
@@ -280,7 +287,7 @@ def load_text_config(model_dir: str) -> TextConfig:
 
 
 def load_assistant_config(model_dir: str) -> AssistantConfig:
-    """Read ``model_dir/config.json`` of a ``gemma4_assistant`` checkpoint (+ ``num_assistant_tokens``)."""
+    """Read ``model_dir/config.json`` of a ``gemma4[_unified]_assistant`` checkpoint (+ ``num_assistant_tokens``)."""
     if not os.path.isdir(model_dir):
         raise ConfigError(f"{model_dir}: no such assistant directory")
     path = os.path.join(model_dir, "config.json")
@@ -288,12 +295,15 @@ def load_assistant_config(model_dir: str) -> AssistantConfig:
     mt = d.get("model_type")
     if mt not in ASSISTANT_TYPES:
         raise ConfigError(f"{path}: model_type {mt!r} is not an assistant, expected one of {ASSISTANT_TYPES}")
-    td = dict(_req(d, "text_config", path))
+    td, unified = dict(_req(d, "text_config", path)), mt == "gemma4_unified_assistant"
+    tmt = td.get("model_type") or ("gemma4_unified_text" if unified else "gemma4_text")  # transformers' defaults
     td.setdefault("vocab_size_per_layer_input", 0)
     td.setdefault("hidden_size_per_layer_input", 0)
     if not td.get("num_kv_shared_layers"):
         td["num_kv_shared_layers"] = td.get("num_hidden_layers", 30)
-    text = parse_text_config(td, path + " text_config")
+    if tmt not in ("gemma4_text", "gemma4_unified_text"):
+        raise ConfigError(f"{path}: text_config.model_type = {tmt!r}, expected 'gemma4_text' or 'gemma4_unified_text'")
+    text = parse_text_config(td, path + " text_config", unified=tmt == "gemma4_unified_text")
     if text.num_kv_shared_layers != text.num_layers:
         raise ConfigError(f"{path}: num_kv_shared_layers must equal num_hidden_layers ({text.num_layers})")
     if text.hidden_size_per_layer_input or text.enable_moe_block or text.use_double_wide_mlp:
@@ -310,7 +320,7 @@ def load_assistant_config(model_dir: str) -> AssistantConfig:
         )
     return AssistantConfig(
         text=text,
-        backbone_hidden_size=_int(d, "backbone_hidden_size", path, 1536, 1),
+        backbone_hidden_size=_int(d, "backbone_hidden_size", path, 3840 if unified else 1536, 1),
         use_ordered_embeddings=ordered,
         num_centroids=C,
         centroid_intermediate_top_k=_int(d, "centroid_intermediate_top_k", path, 32, 1),

@@ -315,9 +315,10 @@ class Gemma4(nn.Module):
 
 
 def load_target(path, dtype=torch.float32, device="cpu") -> Gemma4:
-    """Load a Gemma 4 target from a local Hugging Face directory (``gemma4_text`` or the multimodal ``gemma4``
-    layout; vision/audio towers are never read). Weights are read tensor by tensor into a model built on the meta
-    device, so no second full copy is made."""
+    """Load a Gemma 4 target from a local Hugging Face directory (``gemma4_text``, ``gemma4_unified_text`` or the
+    multimodal ``gemma4`` / ``gemma4_unified`` layout, decoder under ``model.language_model.``; vision/audio towers and
+    embedders are never read). Weights are read tensor by tensor into a model built on the meta device, so no second
+    full copy is made."""
     import dataclasses
     import os
     import warnings

@@ -1,12 +1,17 @@
 """Tiny random Gemma 4 checkpoints built with transformers 5.23 (the oracle), saved in the real layouts.
 
-Three target families, shrunk from the released targets (docs: guides/real-checkpoints, "The model pairs";
+Five target families, shrunk from the released targets (docs: guides/real-checkpoints, "The model pairs";
 concepts/gemma4-architecture):
   * ``e2b``  – PLE, KV sharing (num_kv_shared_layers > 0), double-wide MLP;
   * ``moe``  – 26B-A4B-like: MoE block beside the dense MLP, attention_k_eq_v, no sharing;
-  * ``dense`` – 31B-like: dense, attention_k_eq_v, no sharing.
-Each is saved text-only (``Gemma4ForCausalLM``) and, for e2b, also multimodal
-(``Gemma4ForConditionalGeneration`` with tiny vision/audio towers), plus a matching assistant.
+  * ``dense`` – 31B-like: dense, attention_k_eq_v, no sharing;
+  * ``unified`` – 12B-like, built with transformers' ``models/gemma4_unified`` classes (``Gemma4UnifiedTextConfig``
+    has no PLE or MoE fields): dense, attention_k_eq_v with one global KV head, no sharing;
+  * ``unified_shared`` – the same classes with KV sharing and a double-wide MLP (the unified decoder allows both).
+Each is saved text-only (``Gemma4ForCausalLM`` / ``Gemma4UnifiedForCausalLM``) and also multimodal
+(``Gemma4ForConditionalGeneration`` with tiny vision/audio towers, or the encoder-free
+``Gemma4UnifiedForConditionalGeneration`` with tiny vision/audio embedders), plus a matching assistant
+(``Gemma4AssistantForCausalLM`` / ``Gemma4UnifiedAssistantForCausalLM``).
 
 transformers 5.23.0 bugs patched here, both in the property ``Gemma4TextConfig.kv_sharing_modes``
 (``models/gemma4/configuration_gemma4.py``): it raises ``ValueError`` for a fully shared config (the assistant) and
@@ -79,6 +84,23 @@ TARGET_KW = {
         vocab_size_per_layer_input=512,
     ),
 }
+_UNIFIED_KW = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    layer_types=[S, S, F, S, S, F],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    head_dim=16,
+    global_head_dim=32,
+    sliding_window=8,
+)
+TARGET_KW["unified"] = _UNIFIED_KW
+TARGET_KW["unified_shared"] = dict(_UNIFIED_KW, num_kv_shared_layers=2, use_double_wide_mlp=True)  # stores: 3, 2
+UNIFIED = ("unified", "unified_shared")  # families built with the gemma4_unified classes
 COMMON = dict(
     final_logit_softcapping=30.0,
     max_position_embeddings=4096,
@@ -102,16 +124,22 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 t.add_(0.3 * torch.randn(t.shape, generator=g))
 
 
+def _text_config_class(family: str):
+    from transformers import Gemma4UnifiedTextConfig
+
+    return Gemma4UnifiedTextConfig if family in UNIFIED else cg.Gemma4TextConfig
+
+
 def target_config(family: str):
-    return cg.Gemma4TextConfig(**TARGET_KW[family], **COMMON)
+    return _text_config_class(family)(**TARGET_KW[family], **COMMON)
 
 
 def build_target(family: str, seed: int = 0):
-    from transformers import Gemma4ForCausalLM
+    from transformers import Gemma4ForCausalLM, Gemma4UnifiedForCausalLM
 
     patch_transformers()
     torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(target_config(family)).eval()
+    model = (Gemma4UnifiedForCausalLM if family in UNIFIED else Gemma4ForCausalLM)(target_config(family)).eval()
     _perturb(model, seed + 100)
     with torch.no_grad():  # logits of a few units (not ~0.02) so a 1e-4 comparison means something
         model.model.embed_tokens.weight.mul_(20.0)
@@ -120,7 +148,7 @@ def build_target(family: str, seed: int = 0):
 
 
 def assistant_config(family: str, ordered: bool | None = None):
-    from transformers import Gemma4AssistantConfig
+    from transformers import Gemma4AssistantConfig, Gemma4UnifiedAssistantConfig
 
     patch_transformers()
     t = TARGET_KW[family]
@@ -135,17 +163,17 @@ def assistant_config(family: str, ordered: bool | None = None):
         head_dim=t["head_dim"],
         global_head_dim=t["global_head_dim"],
         sliding_window=t["sliding_window"],
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0,
         num_kv_shared_layers=4,
         final_logit_softcapping=None,
     )
+    if family not in UNIFIED:
+        text.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
     if t.get("attention_k_eq_v"):
         text.update(attention_k_eq_v=True, num_global_key_value_heads=t["num_global_key_value_heads"])
-    text_cfg = cg.Gemma4TextConfig(**text)
+    text_cfg = _text_config_class(family)(**text)
     if ordered is None:
         ordered = family == "e2b"
-    return Gemma4AssistantConfig(
+    return (Gemma4UnifiedAssistantConfig if family in UNIFIED else Gemma4AssistantConfig)(
         text_config=text_cfg.to_dict(),
         backbone_hidden_size=t["hidden_size"],
         use_ordered_embeddings=ordered,
@@ -155,12 +183,12 @@ def assistant_config(family: str, ordered: bool | None = None):
 
 
 def build_assistant(family: str, seed: int = 0, ordered: bool | None = None):
-    from transformers import Gemma4AssistantForCausalLM
+    from transformers import Gemma4AssistantForCausalLM, Gemma4UnifiedAssistantForCausalLM
 
     patch_transformers()
     torch.manual_seed(seed + 7)
     cfg = assistant_config(family, ordered)
-    model = Gemma4AssistantForCausalLM(cfg).eval()
+    model = (Gemma4UnifiedAssistantForCausalLM if family in UNIFIED else Gemma4AssistantForCausalLM)(cfg).eval()
     _perturb(model, seed + 200)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20.0)
@@ -172,13 +200,18 @@ def build_assistant(family: str, seed: int = 0, ordered: bool | None = None):
 
 
 def build_multimodal(text_model):
-    """Wrap the same language model in Gemma4ForConditionalGeneration with tiny vision/audio towers."""
+    """Wrap the same language model in Gemma4ForConditionalGeneration with tiny vision/audio towers (or, for a
+    unified model, in Gemma4UnifiedForConditionalGeneration with tiny encoder-free embedders)."""
     from transformers import (
         Gemma4AudioConfig,
         Gemma4Config,
         Gemma4ForConditionalGeneration,
+        Gemma4UnifiedTextConfig,
         Gemma4VisionConfig,
     )
+
+    if isinstance(text_model.config, Gemma4UnifiedTextConfig):
+        return _build_unified_multimodal(text_model)
 
     vision = Gemma4VisionConfig(
         hidden_size=32,
@@ -203,6 +236,29 @@ def build_multimodal(text_model):
     )
     torch.manual_seed(3)
     mm = Gemma4ForConditionalGeneration(cfg).eval()
+    mm.model.language_model.load_state_dict(text_model.model.state_dict())
+    return mm
+
+
+def _build_unified_multimodal(text_model):
+    """Gemma4UnifiedForConditionalGeneration (models/gemma4_unified): no towers, a patch embedder (LN, Dense, LN,
+    2-D position table) and an audio frame projection; the decoder is ``model.language_model``."""
+    from transformers import (
+        Gemma4UnifiedAudioConfig,
+        Gemma4UnifiedConfig,
+        Gemma4UnifiedForConditionalGeneration,
+        Gemma4UnifiedVisionConfig,
+    )
+
+    vision = Gemma4UnifiedVisionConfig(
+        patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32
+    )
+    audio = Gemma4UnifiedAudioConfig(audio_embed_dim=16)
+    cfg = Gemma4UnifiedConfig(
+        text_config=text_model.config.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict()
+    )
+    torch.manual_seed(3)
+    mm = Gemma4UnifiedForConditionalGeneration(cfg).eval()
     mm.model.language_model.load_state_dict(text_model.model.state_dict())
     return mm
 

@@ -1,4 +1,5 @@
-"""minimtp's Gemma 4 assistant against transformers' Gemma4AssistantForCausalLM (patched by ``minimtp.hf_compat``),
+"""minimtp's Gemma 4 assistant against transformers' Gemma4AssistantForCausalLM (patched by ``minimtp.hf_compat``) and
+Gemma4UnifiedAssistantForCausalLM (the 12B's drafter, for the unified families),
 fed the same inputs (docs: concepts/gemma4-assistant, "Clean semantics, and transformers' off-by-one"), and
 load_assistant's compatibility checks."""
 
@@ -18,7 +19,7 @@ from minimtp.assistant import CentroidHead, check_pair
 from minimtp.attention import DraftDenseContext
 from minimtp.config import FULL, SLIDING, load_assistant_config
 
-FAMILIES = ["e2b", "moe", "dense"]
+FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]
 S = 30  # prompt length: longer than W + 1 = 9, so the drafter's sliding window matters
 TOL = 1e-4
 
@@ -117,7 +118,7 @@ def test_step_matches_transformers(assistant_dir, family, ordered):
         assert (logits == logits.min()).sum().item() == 512 - 4 * 512 // 16
 
 
-@pytest.mark.parametrize("family", ["e2b", "moe"])
+@pytest.mark.parametrize("family", ["e2b", "moe", "unified_shared"])
 def test_several_positions_at_once(assistant_dir, family):
     """DraftDenseContext with many queries (distillation form) equals one transformers call per position,
     including p < W (no window mask in transformers) and p = W + 1 (the window boundary)."""
@@ -224,6 +225,13 @@ CASES = {
         "False",
         "True",
     ),
+    "unified_full_kv_heads": (
+        "unified",
+        lambda d: _set_full(d, num_key_value_heads=2),
+        "full_attention num_key_value_heads",
+        "2",
+        "1",
+    ),
     "k_eq_v_extra": (
         "e2b",
         lambda d: d["text_config"].update(attention_k_eq_v=True),
@@ -322,3 +330,27 @@ def test_cheaper_drafters_stay_close(assistant_dir, ordered, dtype, tol):
             gl, wl = gl[both], wl[both]
         err = ((gl.float() - wl).norm() / wl.norm()).item()
         assert err <= tol, (dtype, err)
+
+
+def test_unified_assistant_defaults(tmp_path):
+    """gemma4_unified_assistant: fields a config omits take Gemma4UnifiedAssistantConfig's defaults (backbone 3840,
+    a gemma4_unified_text text_config: W = 1024); gemma4_assistant keeps its own (backbone 1536, W = 512)."""
+    from transformers import Gemma4AssistantConfig, Gemma4UnifiedAssistantConfig
+
+    text = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+    got = {}
+    for mt in ("gemma4_unified_assistant", "gemma4_assistant"):
+        os.makedirs(tmp_path / mt)
+        with open(tmp_path / mt / "config.json", "w") as f:
+            json.dump({"model_type": mt, "text_config": text}, f)
+        got[mt] = load_assistant_config(str(tmp_path / mt))
+    u, g = got["gemma4_unified_assistant"], got["gemma4_assistant"]
+    assert u.backbone_hidden_size == Gemma4UnifiedAssistantConfig.backbone_hidden_size == 3840
+    assert g.backbone_hidden_size == Gemma4AssistantConfig.backbone_hidden_size == 1536
+    assert (u.text.sliding_window, g.text.sliding_window) == (1024, 512)
+    assert u.text.num_kv_shared_layers == u.text.num_layers == 4 and u.text.hidden_size_per_layer_input == 0
+    with open(tmp_path / "gemma4_unified_assistant" / "config.json", "w") as f:
+        json.dump({"model_type": "gemma4_unified_assistant", "text_config": dict(text, model_type="llama")}, f)
+    with pytest.raises(minimtp.ConfigError) as e:
+        load_assistant_config(str(tmp_path / "gemma4_unified_assistant"))
+    assert "\n" not in str(e.value) and "'llama'" in str(e.value) and "gemma4_unified_text" in str(e.value)

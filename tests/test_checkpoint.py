@@ -20,7 +20,7 @@ from minimtp.errors import CheckpointError, ConfigError
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import build_assistant, build_multimodal, build_target  # noqa: E402
 
-FAMILIES = ["e2b", "moe", "dense"]
+FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]
 
 
 def reference(model) -> dict[str, torch.Tensor]:
@@ -116,12 +116,20 @@ def test_text_layout_bit_exact(saved, family):
     assert_same(load_weights(saved("text", family), shapes(want), torch.float32), want)
 
 
-def test_multimodal_layout_reads_only_language_model(saved, read_log):
-    want = reference(build_target("e2b"))
-    path = saved("multimodal")
+# the encoders (gemma4: vision/audio towers) or the encoder-free embedders (gemma4_unified) beside the decoder
+MM_PARTS = {
+    "e2b": ("model.vision_tower.", "model.audio_tower."),
+    "unified": ("model.embed_vision.", "model.embed_audio."),
+}
+
+
+@pytest.mark.parametrize("family", list(MM_PARTS))
+def test_multimodal_layout_reads_only_language_model(saved, read_log, family):
+    want = reference(build_target(family))
+    path = saved("multimodal", family)
     on_disk = find_weight_files(path)
-    assert any(k.startswith("model.vision_tower.") for k in on_disk)
-    assert any(k.startswith("model.audio_tower.") for k in on_disk)
+    for part in MM_PARTS[family]:
+        assert any(k.startswith(part) for k in on_disk), part
     read_log.clear()
     assert_same(load_weights(path, shapes(want), torch.float32), want)
     assert read_log and all(k.startswith("model.language_model.") for k in read_log), read_log

@@ -1,6 +1,7 @@
 """minimtp.load_target / Gemma4 against transformers 5.23 (the oracle) on tiny random checkpoints.
 
-Families (tests/hf_models.py): e2b (PLE, KV sharing, double-wide MLP), moe (MoE + K=V), dense (31B-like K=V).
+Families (tests/hf_models.py): e2b (PLE, KV sharing, double-wide MLP), moe (MoE + K=V), dense (31B-like K=V),
+unified (12B-like: the gemma4_unified classes, K=V with one global KV head) and unified_shared (with KV sharing).
 Prompts are 34 tokens, batch 2: longer than the sliding window W = 8, so window masking is exercised.
 """
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import minimtp
 from minimtp.config import FULL, SLIDING, load_text_config, parse_text_config
 
-FAMILIES = ["e2b", "moe", "dense"]
+FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]
 LAYOUTS = ["text", "multimodal"]
 S = 34  # > 4 W
 
@@ -400,3 +401,45 @@ def test_rmsnorm_equals_transformers_bit_for_bit(dtype, with_scale):
             a, b = ours(x), theirs(x)
         assert a.dtype == b.dtype == dtype
         assert (a.float() - b.float()).abs().max().item() <= (0 if dtype != torch.float32 else 2e-7 * scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the 12B's model types (gemma4_unified_text, gemma4_unified): transformers' Gemma4UnifiedTextConfig defaults
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZES = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4)
+SIZES.update(num_key_value_heads=2, head_dim=16)
+
+
+def test_unified_defaults_are_transformers():
+    """A config naming only the sizes gets Gemma4UnifiedTextConfig's defaults (W = 1024, 262,144 positions, no PLE,
+    no MoE, 512-wide full heads), not Gemma4TextConfig's; PLE / MoE fields, which that class does not have, are
+    ignored as transformers ignores them: the same parameters as Gemma4UnifiedForCausalLM."""
+    from transformers import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+    ref = Gemma4UnifiedTextConfig(**SIZES)
+    cfg = parse_text_config(dict(SIZES, model_type="gemma4_unified_text", hidden_size_per_layer_input=256))
+    assert cfg.sliding_window == ref.sliding_window == 1024
+    assert cfg.max_position_embeddings == ref.max_position_embeddings == 262144
+    assert cfg.hidden_size_per_layer_input == 0 and not cfg.enable_moe_block
+    assert cfg.layer_types == tuple(ref.layer_types) and cfg.type_head_dim(FULL) == 512
+    assert parse_text_config(dict(SIZES)).sliding_window == 512  # gemma4_text keeps its own default
+    torch.manual_seed(0)
+    want = {k: tuple(v.shape) for k, v in Gemma4UnifiedForCausalLM(ref).state_dict().items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        got = {k: tuple(v.shape) for k, v in minimtp.Gemma4(cfg).state_dict().items()}
+    assert got == want
+
+
+def test_unified_container_config(tmp_path):
+    """gemma4_unified: the decoder is its text_config, whose model_type may be omitted (the class default)."""
+    cfg = load_text_config(write_config(tmp_path / "a", {"model_type": "gemma4_unified", "text_config": SIZES}))
+    assert cfg.sliding_window == 1024 and cfg.hidden_size_per_layer_input == 0
+    bad = {"model_type": "gemma4_unified", "text_config": dict(SIZES, model_type="gemma4_text")}
+    with pytest.raises(minimtp.ConfigError) as e:
+        load_text_config(write_config(tmp_path / "b", bad))
+    one_line(e, "config.json", "text_config.model_type", "'gemma4_text'", "'gemma4_unified_text'")
+    bad = {"model_type": "gemma4", "text_config": dict(SIZES, model_type="gemma4_unified_text")}
+    with pytest.raises(minimtp.ConfigError) as e:
+        load_text_config(write_config(tmp_path / "c", bad))
+    one_line(e, "config.json", "'gemma4_unified_text'", "expected 'gemma4_text'")

@@ -19,7 +19,7 @@ from hf_models import build_target
 
 import minimtp
 
-FAMILIES = ["e2b", "moe", "dense"]
+FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]  # tests/hf_models.py
 V = 512
 N_NEW = 200  # W = 8: the sliding window wraps ~25 times
 
@@ -152,7 +152,7 @@ def test_plain_greedy_equals_transformers(plain, family):
 
 
 @pytest.mark.parametrize("draft_dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("family", ["e2b", "dense"])
+@pytest.mark.parametrize("family", ["e2b", "dense", "unified"])
 def test_greedy_exact_with_cheaper_drafters(saved, plain, family, draft_dtype):
     """A half-precision drafter (fp32 target) changes acceptance, never the tokens (int8: tests/test_fast.py)."""
     target = untie_minimtp(minimtp.load_target(saved(family)[0]))

@@ -100,7 +100,11 @@ _UNIFIED_KW = dict(
 )
 TARGET_KW["unified"] = _UNIFIED_KW
 TARGET_KW["unified_shared"] = dict(_UNIFIED_KW, num_kv_shared_layers=2, use_double_wide_mlp=True)  # stores: 3, 2
-UNIFIED = ("unified", "unified_shared")  # families built with the gemma4_unified classes
+# 12B-shaped (for the CLI run): the 12B's structure (the 5:1 default pattern, K = V with one global KV head, no
+# sharing, W = 1024) at tiny sizes, with the embedded model's vocabulary so its tokenizer.json fits
+TARGET_KW["unified_12b"] = dict(_UNIFIED_KW, vocab_size=8192, intermediate_size=128, sliding_window=1024)
+del TARGET_KW["unified_12b"]["layer_types"]
+UNIFIED = ("unified", "unified_shared", "unified_12b")  # families built with the gemma4_unified classes
 COMMON = dict(
     final_logit_softcapping=30.0,
     max_position_embeddings=4096,

@@ -116,6 +116,53 @@ def test_explicit_model_and_assistant_dirs(capsys):
     assert rc == 0 and json.loads(out)["stats"]["drafted"] > 0
 
 
+def _strip_defaults(path: str) -> None:
+    """Drop the fields whose defaults differ between gemma4_text and gemma4_unified_text from the (text_config of a)
+    config.json, as a hand-written config omits them: minimtp must take transformers' unified defaults."""
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    for k in ("sliding_window", "max_position_embeddings", "use_bidirectional_attention"):
+        d["text_config"].pop(k)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f)
+
+
+def test_12b_shaped_pair(capsys, tmp_path):
+    """A tiny pair in the 12B's layout (tests/hf_models.py, "unified_12b": the gemma4_unified container, K = V with
+    one global KV head, the 5:1 pattern, W = 1024) with the embedded model's tokenizer: the CLI generates with it,
+    speculative greedy equals plain greedy and both equal transformers' greedy generate."""
+    import shutil
+
+    import torch
+    from hf_models import build_multimodal, build_target, saved_pair
+
+    import minimtp
+
+    tdir, adir = saved_pair(str(tmp_path), "unified_12b", "multimodal")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(DEFAULT_DIR, "target", name), tdir)
+    _strip_defaults(tdir)
+    _strip_defaults(adir)
+    with open(os.path.join(adir, "config.json")) as f:
+        assert json.load(f)["model_type"] == "gemma4_unified_assistant"
+    cfg = minimtp.load_target(tdir).config
+    assert (cfg.sliding_window, cfg.max_position_embeddings, cfg.hidden_size_per_layer_input) == (1024, 262144, 0)
+    args = ["--model", tdir, "--prompt", "def fibonacci(n):", "--max-new-tokens", "16", "--json"]
+    args += ["--temperature", "0", "--dtype", "float32"]
+    rc, a, _ = run(capsys, *args, "--assistant", adir, "-k", "3")
+    assert rc == 0
+    rc, b, _ = run(capsys, *args, "--no-assistant")
+    assert rc == 0
+    da, db = json.loads(a), json.loads(b)
+    assert da["token_ids"] == db["token_ids"] and len(da["token_ids"]) == 16
+    assert da["stats"]["drafted"] > 0 and db["stats"]["drafted"] == 0
+    hf = build_multimodal(build_target("unified_12b"))
+    ids = torch.tensor([da["prompt_token_ids"]])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16)
+    assert out[0, ids.shape[1] :].tolist() == da["token_ids"]
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

@@ -1,8 +1,8 @@
 """``python -m minimtp.bench serve``: the server under load - throughput and latency by concurrency, with and
 without the assistant, and what the HTTP layer costs.
 
-Method (docs: guides/serving): one server in this process (``minimtp.serve.create``, its engine thread, uvicorn on
-a free loopback port); for each concurrency level c, ``--requests-per-level`` streaming ``/v1/completions``
+Method (docs: guides/serving): one server (``python -m minimtp.serve`` in a child process, on a free loopback
+port); for each concurrency level c, ``--requests-per-level`` streaming ``/v1/completions``
 requests from ``openai.AsyncOpenAI``, c in flight at a time, greedy, ``ignore_eos`` (exactly ``--max-tokens``
 tokens each), the code prompts of ``minimtp.bench.PROMPTS`` in turn; with the assistant (per-request
 ``num_speculative_tokens`` = the default k) and without (0) on the same server, both warmed up at each level.
@@ -13,8 +13,8 @@ tokens each), the code prompts of ``minimtp.bench.PROMPTS`` in turn; with the as
   re-tokenizing the text so far (serve.json gives that total beside the exact ``usage``); a chunk that adds no
   token folds its gap into the next.
 * aggregate tok/s: the level's completion tokens (``usage``) / its wall time.
-* overhead: the concurrency-1 prompts through the server's engine offline (``Engine.generate``, server idle), tok/s
-  of the server over offline. Client and server share this process, so the client's cost counts as overhead.
+* overhead: tok/s of the server at concurrency 1 over the same prompts through ``Engine.generate`` in this process
+  (the same pair and flags, loaded after the server has stopped). The server runs in its own process, as deployed.
   The greedy texts of every level are compared with the offline ones.
 """
 
@@ -26,7 +26,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 
 from minimtp.bench import PROMPTS
@@ -52,31 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def start_server(args, max_num_seqs: int):
-    """(serving engine, uvicorn server, its thread, port): ``minimtp.serve.create`` with the bench's settings,
-    uvicorn on a free loopback port in a daemon thread."""
-    import uvicorn
+    """(server process, port): ``python -m minimtp.serve`` with the bench's settings on a free loopback port, in its
+    own process (as a real deployment: the client's Python work does not share the server's interpreter lock)."""
+    import subprocess
+    import urllib.request
 
-    from minimtp.serve import build_parser as serve_parser
-    from minimtp.serve import create
-
-    sargs = serve_parser().parse_args([])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "minimtp.serve", "--port", str(port), "--threads", str(args.threads)]
+    cmd += ["--max-num-seqs", str(max_num_seqs), "--max-waiting", str(max_num_seqs)]
+    cmd += ["--max-model-len", str(256 + args.max_tokens)]  # the prompts are short; the pool fits max_num_seqs
     for flag in PAIR:
-        dest = flag[2:].replace("-", "_")
-        setattr(sargs, dest, getattr(args, dest))
-    sargs.threads, sargs.api_key, sargs.max_num_seqs, sargs.max_waiting = args.threads, None, max_num_seqs, max_num_seqs
-    sargs.max_model_len = 256 + args.max_tokens  # the prompts are short; the pool fits max_num_seqs of these
-    app, serving = create(sargs)
-    serving.start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bench-uvicorn", daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the bench's uvicorn server did not start")
-        time.sleep(0.01)
-    return serving, server, thread, sock.getsockname()[1]
+        v = getattr(args, flag[2:].replace("-", "_"))
+        cmd += [flag] if v is True else [] if v in (None, False) else [flag, str(v)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read().strip().splitlines()[-1:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not answer /health within 120 s")
 
 
 async def one_request(client, model: str, prompt: str, max_tokens: int, k: int) -> dict:
@@ -206,6 +205,14 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _default_k(args) -> int:
+    """The assistant's num_assistant_tokens (what the server drafts by default), else 6."""
+    from minimtp.config import load_assistant_config
+    from minimtp.generate import DEFAULT_DIR
+
+    return load_assistant_config(args.assistant or os.path.join(DEFAULT_DIR, "assistant")).num_assistant_tokens or 6
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from minimtp.errors import MinimtpError
@@ -217,43 +224,50 @@ def main(argv=None) -> int:
     levels = sorted({1, *(int(x) for x in args.concurrency.split(","))})
     import torch
 
+    from minimtp.bench import load_bench_pair
+
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
+    model = "minimtp-default" if args.model is None else os.path.basename(args.model.rstrip("/"))
     try:
-        serving, server, thread, port = start_server(args, args.max_num_seqs or max(levels))
+        proc, port = start_server(args, args.max_num_seqs or max(levels))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from minimtp.generate import DEFAULT_DIR, load_tokenizer
+
+        tok = load_tokenizer(args.model or os.path.join(DEFAULT_DIR, "target"))
+        k = args.num_speculative_tokens
+        k = 0 if k == 0 else k or _default_k(args)
+        ks = [k, 0] if k else [0]  # with the assistant (the default k), then plain
+
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+        rows, texts = asyncio.run(run_levels(port, model, levels, args, ks, count))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    try:  # the server is gone: the same pair, loaded here, runs the concurrency-1 prompts offline
+        _, _, _, (_, _, engine) = load_bench_pair(args)
     except MinimtpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine, tok = serving.engine, serving.engine.tokenizer
-    k = 0 if args.num_speculative_tokens == 0 else args.num_speculative_tokens or engine.default_num_speculative_tokens
-    ks = [k, 0] if k else [0]  # with the assistant (the default k), then plain
-
-    def count(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-    model = "minimtp-default" if args.model is None else os.path.basename(args.model.rstrip("/"))
-    try:
-        rows, texts = asyncio.run(run_levels(port, model, levels, args, ks, count))
-        n1 = rows[0]["requests"]
-        overhead = {}
-        for kk in ks:  # the server is idle now: its engine can run offline
-            tps, off_texts = offline(engine, tok, args, kk, n1)
-            server_tps = next(r["tok_s"] for r in rows if r["concurrency"] == 1 and r["k"] == kk)
-            overhead[kk] = dict(offline_tok_s=tps, server_tok_s=server_tps, ratio=server_tps / tps)
-            for r in rows:
-                if r["k"] == kk:
-                    got = texts[(r["concurrency"], kk)]
-                    r["same_text_as_offline"] = sum(off_texts.get(p) == t for p, t in got)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        serving.stop()
+    n1, overhead = rows[0]["requests"], {}
+    for kk in ks:
+        tps, off_texts = offline(engine, tok, args, kk, n1)
+        server_tps = next(r["tok_s"] for r in rows if r["concurrency"] == 1 and r["k"] == kk)
+        overhead[kk] = dict(offline_tok_s=tps, server_tok_s=server_tps, ratio=server_tps / tps)
+        for r in rows:
+            if r["k"] == kk:
+                r["same_text_as_offline"] = sum(off_texts.get(p) == t for p, t in texts[(r["concurrency"], kk)])
     header = (f"minimtp bench serve: {model} ({weights_dtype(engine.target)}, assistant "
               f"{weights_dtype(engine.assistant)}), {'reference Engine' if args.reference else 'FastEngine'}, "
               f"{args.threads} thread(s), greedy, {args.max_tokens} tokens per request (ignore_eos), code prompts, "
               f"streaming /v1/completions")  # fmt: skip
     md = markdown(rows, header)
-    md += "\n\nServer overhead at concurrency 1 (same prompts, offline `Engine.generate` on the server's engine): " + (
+    md += "\n\nServer overhead at concurrency 1 (the same prompts through `Engine.generate`, same pair): " + (
         "; ".join(f"{'assistant (k=' + str(kk) + ')' if kk else 'no assistant'}: server {o['server_tok_s']:.1f} "
                   f"tok/s vs offline {o['offline_tok_s']:.1f} tok/s = **{o['ratio']:.2f}x**"
                   for kk, o in overhead.items()))  # fmt: skip

@@ -29,16 +29,16 @@ def speculative_decode(target, assistant, prompt: list[int], max_new_tokens: int
                                  dtype=target.model.embed_tokens.weight.dtype)  # fmt: skip
     cache.add(0)
 
-    def target_forward(tokens: list[int], start: int):  # K/V of positions start.. into the cache, logits of every row
+    def target_forward(tokens: list[int], start: int, rows="all"):  # K/V of positions start.. into the cache, logits
         cache.reserve(0, start + len(tokens))
         ctx = PagedContext(cache, paged_attention, [0], [start], [len(tokens)])
-        return target.run(torch.tensor(tokens), torch.arange(start, start + len(tokens)), ctx, logit_rows="all")
+        return target.run(torch.tensor(tokens), torch.arange(start, start + len(tokens)), ctx, logit_rows=rows)
 
     def pick(logits):  # plain decoding's draw from the processed distribution p
         probs = process_logits(logits, params)
         return probs.argmax(-1) if params.is_greedy else sample(probs, draw_exponentials(gen, V))
 
-    first = target_forward(prompt, 0)  # prefill
+    first = target_forward(prompt, 0, rows=slice(-1, None))  # prefill: the last row's logits only
     cache.trim_window(0, len(prompt))
     p, hidden, out = len(prompt), first.hidden[-1:], [int(pick(first.logits[-1:]))]
     while len(out) < max_new_tokens and out[-1] not in stops:

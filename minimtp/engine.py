@@ -176,14 +176,14 @@ class Engine:
     def _prefill(self, run, seqs: list[Request]) -> None:
         """The prompts in one packed forward; the first token from the last row of each. A preempted request
         recomputes prompt + its tokens but the last (still pending) and emits nothing new."""
-        out, cu = self._target_forward(run, seqs, [s.prompt + s.out[:-1] for s in seqs])
-        rows = [c - 1 for c in cu[1:]]
+        out, cu = self._target_forward(run, seqs, [s.prompt + s.out[:-1] for s in seqs], last_rows=True)
+        rows = [c - 1 for c in cu[1:]]  # out.logits has these rows only (one per request)
         for s, r in zip(seqs, rows):
             s.cache_len, s.hidden = len(s.prompt) + max(len(s.out) - 1, 0), out.hidden[r]
             s.stats.prompt_tokens = len(s.prompt)
             run.cache.trim_window(s.id, s.cache_len)
         fresh = [b for b, s in enumerate(seqs) if not s.out]
-        logits = out.logits[[rows[b] for b in fresh]][:, None]
+        logits = out.logits[fresh][:, None]
         logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
         for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
             self._emit(seqs[b], [t])
@@ -230,15 +230,17 @@ class Engine:
             run.cache.trim_window(s.id, s.cache_len)
             self._emit(s, ids_l[b][: n_l[b]])
 
-    def _target_forward(self, run, seqs: list[Request], new_tokens: list[list[int]]):
-        """One target forward over the packed new tokens of several requests (their K/V go into the cache)."""
+    def _target_forward(self, run, seqs: list[Request], new_tokens: list[list[int]], last_rows: bool = False):
+        """One target forward over the packed new tokens of several requests (their K/V go into the cache). Logits
+        of every row, or with ``last_rows`` of each request's last row only (a prefill: the head is V wide)."""
         starts, counts = [s.cache_len for s in seqs], [len(t) for t in new_tokens]
         for s, c in zip(seqs, counts):
             run.cache.reserve(s.id, s.cache_len + c)
         ctx = PagedContext(run.cache, self.attention, [s.id for s in seqs], starts, counts)
         tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(self.device)
-        return self.target.run(tok, pos, ctx, logit_rows="all"), ctx.cu_q_lens.tolist()
+        rows = torch.tensor(counts, device=self.device).cumsum(0) - 1 if last_rows else "all"
+        return self.target.run(tok, pos, ctx, logit_rows=rows), ctx.cu_q_lens.tolist()
 
     def _draft(self, run, seqs: list[Request], ks: list[int]):
         """max(ks) drafting steps for every request at its constant position p = cache_len. Returns draft ids

@@ -347,7 +347,7 @@ def test_stats_fields(models):
     eng = minimtp.Engine(target, assistant)
     forwards = []
     original = eng._target_forward
-    eng._target_forward = lambda *a: forwards.append(1) or original(*a)
+    eng._target_forward = lambda *a, **kw: forwards.append(1) or original(*a, **kw)
     res = eng.generate([PROMPTS[1]], 30, num_speculative_tokens=3, temperature=0.0, stop_token_ids=[])
     st = res.stats
     d = st.as_dict()
@@ -381,7 +381,7 @@ def test_batch_target_steps_counts_forwards(models):
     eng = minimtp.Engine(target, assistant)
     forwards = []
     original = eng._target_forward
-    eng._target_forward = lambda *a: forwards.append(1) or original(*a)
+    eng._target_forward = lambda *a, **kw: forwards.append(1) or original(*a, **kw)
     res = eng.generate(PROMPTS, 20, num_speculative_tokens=2, temperature=0.0, stop_token_ids=[])
     assert res.stats.target_steps == len(forwards) - 1
 

@@ -84,20 +84,8 @@ TARGET_KW = {
         vocab_size_per_layer_input=512,
     ),
 }
-_UNIFIED_KW = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=6,
-    layer_types=[S, S, F, S, S, F],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_global_key_value_heads=1,
-    attention_k_eq_v=True,
-    head_dim=16,
-    global_head_dim=32,
-    sliding_window=8,
-)
+# the unified text config has no per-layer-embedding fields: the "dense" family without them
+_UNIFIED_KW = {k: v for k, v in TARGET_KW["dense"].items() if "per_layer_input" not in k}
 TARGET_KW["unified"] = _UNIFIED_KW
 TARGET_KW["unified_shared"] = dict(_UNIFIED_KW, num_kv_shared_layers=2, use_double_wide_mlp=True)  # stores: 3, 2
 # 12B-shaped (for the CLI run): the 12B's structure (the 5:1 default pattern, K = V with one global KV head, no

@@ -9,7 +9,8 @@ h_b is the target's post-norm hidden state at p_b - 1):
     roll back the cache to p_b + n + 1 positions, h_b ← the hidden state of row n, repeat
 
 The emitted sequence has exactly the distribution of plain decoding (docs: concepts/speculative-decoding). The
-same round for one sequence, in one screen: :func:`minimtp.decode.speculative_decode`.
+same round for one sequence, in one screen: :func:`minimtp.decode.speculative_decode`. Every request carries its
+own settings (request.py); `generate` runs its requests through the scheduler the server uses too (scheduler.py).
 """
 
 from __future__ import annotations

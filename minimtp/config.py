@@ -4,7 +4,7 @@ Accepted ``model_type`` values: ``gemma4_text`` (``Gemma4ForCausalLM``), ``gemma
 real ``google/gemma-4-*-it`` checkpoints; its ``text_config`` is used), the 12B's ``gemma4_unified_text`` /
 ``gemma4_unified`` (the same decoder, other defaults, no PLE or MoE) and the drafters ``gemma4[_unified]_assistant``.
 Per-layer head dims / KV heads come from either the older ``global_head_dim`` / ``num_global_key_value_heads`` form
-or the ``per_layer_config`` form transformers 5.23 writes (docs: concepts/gemma4-architecture, "Configuration";
+or the ``per_layer_config`` form transformers 5.23 writes (docs: concepts/gemma4-target, "Configuration";
 transformers ``models/gemma4/configuration_gemma4.py``, ``Gemma4TextConfig``).
 """
 
@@ -74,7 +74,7 @@ class TextConfig:
     def kv_modes(self) -> tuple[str | None, ...]:
         """Per layer: ``"reuse"`` (no K/V of its own), ``"store"`` (last non-reuse layer of its type: the target's
         K/V the reuse layers and the assistant read) or None. With no sharing the last layer of each type stores
-        (the intended semantics; docs: concepts/gemma4-architecture, "KV sharing"); a fully shared config (the
+        (the intended semantics; docs: concepts/gemma4-target, "KV sharing"); a fully shared config (the
         assistant) is all ``"reuse"``."""
         L, first_reuse = self.num_layers, self.num_layers - self.num_kv_shared_layers
         modes: list[str | None] = [None if i < first_reuse else "reuse" for i in range(L)]

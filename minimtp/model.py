@@ -7,7 +7,7 @@ finds its keys is decided by a context object:
 ``DenseContext`` (B equal-length sequences, causal, no cache: ``model(input_ids)``, training, tests) or
 ``PagedContext`` (the engine's paged KV cache and an attention backend); both are in :mod:`minimtp.attention`.
 
-Equations follow transformers' ``models/gemma4/modeling_gemma4.py``; docs: concepts/gemma4-architecture derives
+Equations follow transformers' ``models/gemma4/modeling_gemma4.py``; docs: concepts/gemma4-target derives
 them.
 """
 

@@ -1,7 +1,7 @@
 """Tiny random Gemma 4 checkpoints built with transformers 5.23 (the oracle), saved in the real layouts.
 
 Five target families, shrunk from the released targets (docs: guides/real-checkpoints, "The model pairs";
-concepts/gemma4-architecture):
+concepts/gemma4-target):
   * ``e2b``  – PLE, KV sharing (num_kv_shared_layers > 0), double-wide MLP;
   * ``moe``  – 26B-A4B-like: MoE block beside the dense MLP, attention_k_eq_v, no sharing;
   * ``dense`` – 31B-like: dense, attention_k_eq_v, no sharing;
@@ -15,7 +15,7 @@ Each is saved text-only (``Gemma4ForCausalLM`` / ``Gemma4UnifiedForCausalLM``) a
 
 transformers 5.23.0 bugs patched here, both in the property ``Gemma4TextConfig.kv_sharing_modes``
 (``models/gemma4/configuration_gemma4.py``): it raises ``ValueError`` for a fully shared config (the assistant) and
-marks no "store" layer when nothing is shared (26B/31B targets); docs: concepts/gemma4-architecture, "KV sharing".
+marks no "store" layer when nothing is shared (26B/31B targets); docs: concepts/gemma4-target, "KV sharing".
 """
 
 from __future__ import annotations

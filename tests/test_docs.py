@@ -43,7 +43,7 @@ def test_strict_build_writes_every_page(site: Path):
     for page in [
         "index.html",
         "concepts/speculative-decoding/index.html",
-        "concepts/gemma4-architecture/index.html",
+        "concepts/gemma4-target/index.html",
         "concepts/gemma4-assistant/index.html",
         "concepts/paged-kv-cache/index.html",
         "guides/real-checkpoints/index.html",

@@ -226,10 +226,7 @@ def build_multimodal(text_model):
     cfg = Gemma4Config(
         text_config=text_model.config.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict()
     )
-    torch.manual_seed(3)
-    mm = Gemma4ForConditionalGeneration(cfg).eval()
-    mm.model.language_model.load_state_dict(text_model.model.state_dict())
-    return mm
+    return _with_decoder(Gemma4ForConditionalGeneration, cfg, text_model)
 
 
 def _build_unified_multimodal(text_model):
@@ -249,8 +246,13 @@ def _build_unified_multimodal(text_model):
     cfg = Gemma4UnifiedConfig(
         text_config=text_model.config.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict()
     )
+    return _with_decoder(Gemma4UnifiedForConditionalGeneration, cfg, text_model)
+
+
+def _with_decoder(model_cls, cfg, text_model):
+    """A seeded multimodal ``model_cls(cfg)`` whose decoder (``model.language_model``) is ``text_model``'s."""
     torch.manual_seed(3)
-    mm = Gemma4UnifiedForConditionalGeneration(cfg).eval()
+    mm = model_cls(cfg).eval()
     mm.model.language_model.load_state_dict(text_model.model.state_dict())
     return mm
 

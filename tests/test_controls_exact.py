@@ -19,23 +19,20 @@ from collections import defaultdict
 
 import pytest
 import torch
+from test_exact_enumeration import Rule, _accept_onehot, _accept_ratio, _recover_argmax, _recover_sample
+from test_exact_enumeration import V as ENUMERATION_V
+from test_exact_enumeration import round_outcomes as enumerate_round
 from tiny_tokenizer import char_tokenizer
 from toy_models import make_pair
 
 from minimtp.controls import Controls, Penalties, make_controls
 from minimtp.grammar import grammar_source
 from minimtp.sampling import SamplingParams, process_logits
-from minimtp.speculative import (
-    acceptance_probability,
-    acceptance_ratio,
-    residual_argmax,
-    residual_or_target,
-    residual_sample,
-)
 from minimtp.stop_strings import StopStrings
 
 TOKENS = ["<eos>", "a", "b", "ab", "c"]
 V, N_TOKENS, PROMPT = len(TOKENS), 3, (1, 3)
+assert V == ENUMERATION_V  # the enumeration sums over that module's vocabulary
 TARGET, DRAFTER = make_pair(V, seed=11)
 TOK = char_tokenizer(TOKENS)
 
@@ -73,42 +70,27 @@ def row(lm, prompt: tuple, g: tuple, ctl: Controls, params: SamplingParams, logi
 
 
 def round_outcomes(prompt, gen, k, mode, params, ctl, lag=False) -> dict[tuple, float]:
-    """{emitted chunk: probability} of one round from prompt + gen. ``lag``: the bug - every verify row adjusted
+    """{emitted chunk: probability} of one round from prompt + gen: tests/test_exact_enumeration.py's enumeration,
+    with every target and drafter row passed through the controls. ``lag``: the bug - every verify row adjusted
     with the history of the round's start, not including the drafts before it."""
-    out: dict[tuple, float] = defaultdict(float)
 
-    def emit(drafts, prob, dist):
-        dist = dist / dist.sum()
-        for y in range(V):
-            if dist[y] > 0:
-                out[drafts + (y,)] += prob * float(dist[y])
+    def target(c: tuple, params) -> torch.Tensor:
+        if lag:  # the row's own logits, the controls of the round's start
+            x = ctl(torch.nan_to_num(TARGET.logits(c), neginf=-4.0)[None], [list(gen)])
+            return process_logits(x, params)[0]
+        return row(TARGET, prompt, c[len(prompt) :], ctl, params)
 
-    def walk(drafts: tuple, prob: float):
-        p = row(TARGET, prompt, gen + drafts, ctl, params)
-        if lag:  # the logits are the row's own, the controls those of the round's start
-            x = ctl(torch.nan_to_num(TARGET.logits(prompt + gen + drafts), neginf=-4.0)[None], [list(gen)])
-            p = process_logits(x, params)[0]
-        if len(drafts) == k:
-            return emit(drafts, prob, p)
-        q = row(DRAFTER, prompt, gen + drafts, ctl, params)
-        if mode == "sample":
-            proposals = [(x, float(q[x])) for x in range(V) if q[x] > 0]
-        else:
-            proposals = [(int(row(DRAFTER, prompt, gen + drafts, ctl, params, logits=True).argmax()), 1.0)]
-        for x, w in proposals:
-            if mode == "sample":
-                a = float(acceptance_probability(acceptance_ratio(p[x], q[x])))
-                resid = residual_sample(p, q)
-            else:
-                a = float(acceptance_probability(acceptance_ratio(p[x])))
-                resid = residual_argmax(p, torch.tensor(x))
-            if a > 0:
-                walk(drafts + (x,), prob * w * a)
-            if a < 1:
-                emit(drafts, prob * w * (1 - a), residual_or_target(resid[None], p[None])[0])
+    def proposals(c: tuple, params):
+        g = c[len(prompt) :]
+        if mode == "argmax":
+            return [(int(row(DRAFTER, prompt, g, ctl, params, logits=True).argmax()), 1.0, None)]
+        q = row(DRAFTER, prompt, g, ctl, params)
+        return [(x, float(q[x]), q) for x in range(V) if q[x] > 0]
 
-    walk((), 1.0)
-    return out
+    rule = Rule(
+        proposals, *((_accept_ratio, _recover_sample) if mode == "sample" else (_accept_onehot, _recover_argmax))
+    )
+    return enumerate_round(prompt + gen, k, rule, params, target)
 
 
 def speculative_distribution(control, k, mode, params, lag=False, stop=None, n=N_TOKENS) -> dict:

@@ -128,8 +128,10 @@ BUG_XLLM = Rule(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def round_outcomes(ctx: tuple, k: int, rule: Rule, params: SamplingParams) -> dict[tuple, float]:
-    """{emitted chunk: probability} of one round (k drafts, verify, emit accepted + 1) from context ctx."""
+def round_outcomes(ctx: tuple, k: int, rule: Rule, params: SamplingParams, target=None) -> dict[tuple, float]:
+    """{emitted chunk: probability} of one round (k drafts, verify, emit accepted + 1) from context ctx.
+    ``target(prefix, params)``: the processed target row after ``prefix`` (default: TARGET.probs)."""
+    target = target or TARGET.probs
     out: dict[tuple, float] = defaultdict(float)
 
     def emit(drafts, prob, dist):
@@ -139,7 +141,7 @@ def round_outcomes(ctx: tuple, k: int, rule: Rule, params: SamplingParams) -> di
                 out[drafts + (y,)] += prob * float(dist[y])
 
     def walk(drafts: tuple, prob: float):
-        p = TARGET.probs(ctx + drafts, params)  # target row conditioned on the drafts so far
+        p = target(ctx + drafts, params)  # target row conditioned on the drafts so far
         if len(drafts) == k:
             emit(drafts, prob, p)  # all accepted: bonus token from p
             return

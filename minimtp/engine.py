@@ -254,11 +254,13 @@ class Engine:
         last = torch.tensor([s.pending for s in seqs], device=self.device)
         hidden = torch.stack([s.hidden for s in seqs])
         sampled = _groups(seqs, lambda s: s.params if s.sampled_drafts else None)
+        controlled = any(s.controls.active for s in seqs)
         drafts, qs = [], []
         for j in range(max(ks)):
             logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
-            made = torch.stack(drafts, 1).tolist() if drafts else [[]] * len(seqs)  # step j follows d_1..d_j
-            logits = _controlled(seqs, logits[:, None], made, j, [int(kb > j) for kb in ks])[:, 0]
+            if controlled:  # step j follows d_1..d_j
+                made = torch.stack(drafts, 1).tolist() if drafts else [[]] * len(seqs)
+                logits = _controlled(seqs, logits[:, None], made, j, [int(kb > j) for kb in ks])[:, 0]
             last = logits.float().argmax(-1)  # argmax drafts (an exact upcast)
             q = None
             for params, bs in sampled:

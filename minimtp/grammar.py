@@ -140,7 +140,7 @@ class Grammar:
             del self.tokens[n:]
             self.masks = {i: m for i, m in self.masks.items() if i <= n}
         for t in generated[n:]:
-            if t in self.eos or not _unpack(self._mask(), self.V)[t]:
+            if t in self.eos or not self._mask()[t // 8] >> (t % 8) & 1:
                 return None  # the text is over, or broke the grammar: this row is never used (controls.py)
             if not self.matcher.consume_token(t):
                 raise GenerationError(f"grammar matcher failed: {_first_line(self.matcher.get_error())}")

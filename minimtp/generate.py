@@ -293,31 +293,18 @@ def _run(args, torch) -> int:
     settings, settings_line = sampling_settings(args, model_dir)
     controls = control_settings(args, embedded=args.model is None)
     engine._tokenizer = tok
-    generated: list[int] = []
-    printed = [""]
-    hold = max((len(x) for x in args.stop or []), default=1) - 1  # text that may still become a stop string
+    from minimtp.stop_strings import StopStrings, TextStream
 
-    def continuation(final: bool) -> str:
-        text = tok.decode(generated, skip_special_tokens=True)
-        if healed[0]:  # token healing: the first tokens re-spell the removed prompt text
-            text = text[len(healed[0]) :] if text.startswith(healed[0]) else ""
-        cut = min([i for x in args.stop or [] if (i := text.find(x)) >= 0], default=None)
-        if cut is not None:
-            return text[: cut + (len(next(x for x in args.stop if text.find(x) == cut)) if
-                                 args.include_stop_str_in_output else 0)]  # fmt: skip
-        return text if final or not hold else text[:-hold]
+    # token healing: the first tokens re-spell the removed last prompt token (a special token decodes to "")
+    healed = tok.decode(ids[-1:], skip_special_tokens=True) if controls["token_healing"] and len(ids) > 1 else ""
+    shown = TextStream(StopStrings(tok, args.stop or [], args.include_stop_str_in_output, healed))
+    generated: list[int] = []
 
     def stream(_i, new):
         generated.extend(new)
-        text = continuation(final=False)
-        if text.startswith(printed[0]) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed[0]) :])
-            sys.stdout.flush()
-            printed[0] = text
+        sys.stdout.write(shown.delta(generated))
+        sys.stdout.flush()
 
-    healed = [""]
-    if controls["token_healing"] and len(ids) > 1:
-        healed[0] = tok.decode(ids[-1:], skip_special_tokens=True)
     res = engine.generate(
         [ids],
         max_new_tokens=args.max_new_tokens,
@@ -327,8 +314,6 @@ def _run(args, torch) -> int:
         **settings,
         **controls,
     )
-    if res.healed_prompts is not None and len(res.healed_prompts[0]) == len(ids):
-        healed[0] = ""  # nothing was healed (e.g. the prompt ended in a special token)
     s = res.stats
     if args.json:
         out = {
@@ -357,8 +342,7 @@ def _run(args, torch) -> int:
         }
         print(json.dumps(out))
     else:
-        final = continuation(final=True)
-        sys.stdout.write(final[len(printed[0]) :] + "\n")
+        sys.stdout.write(shown.delta(generated, final=True) + "\n")
         sys.stdout.flush()
         print(settings_line, file=sys.stderr)
         print(stats_line(s), file=sys.stderr)

@@ -28,6 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 from minimtp.errors import MinimtpError
 from minimtp.request import make_requests
 from minimtp.scheduler import QueueFullError
+from minimtp.stop_strings import StopStrings, TextStream
 
 
 class _Body(BaseModel):
@@ -163,7 +164,7 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
         except QueueFullError as e:
             return error(503, str(e), "server_busy", headers={"Retry-After": "1"})
         created, obj = int(time.time()), "chat.completion" if chat else "text_completion"
-        text = IncrementalText(tokenizer, req)
+        text = TextStream(req.stop_strings or StopStrings(tokenizer, [], prefix=req.controls.healed))
 
         def choice(delta: str, reason):
             if chat:
@@ -186,7 +187,7 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
                     if reason == "error":
                         yield json.dumps(error_body(500, f"generation failed: {req.stop_reason}", "internal_error"))
                         break
-                    delta = text.delta(final=kind == "done")
+                    delta = text.delta(req.out, final=kind == "done")
                     if delta or reason:
                         c = _chunk(rid, obj + ".chunk" if chat else obj, created, model_name, choice(delta, reason))
                         if reason:
@@ -209,8 +210,8 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
                 serving.cancel(req)
         if reason == "error":
             return error(500, f"generation failed: {req.stop_reason}", "internal_error")
-        text.delta(final=True)
-        final = text.printed
+        text.delta(req.out, final=True)
+        final = text.shown
         c = {"index": 0, "finish_reason": reason, "logprobs": None}
         c |= {"message": {"role": "assistant", "content": final}} if chat else {"text": final}
         return {**_chunk(rid, obj, created, model_name, c), "usage": usage()}
@@ -266,25 +267,6 @@ def _response_format(fmt: dict | None) -> dict:
         return {"json_schema": fmt["json_schema"]["schema"]}
     raise BadRequest("response_format: expected type text, json_object, or json_schema with json_schema.schema",
                      param="response_format")  # fmt: skip
-
-
-class IncrementalText:
-    """The text a stream has shown so far; holds back what could still become a stop string or a partial
-    UTF-8 character, and ends exactly with the request's final (stop-cut) text."""
-
-    def __init__(self, tokenizer, req):
-        self.tokenizer, self.req, self.printed = tokenizer, req, ""
-        stops = req.stop_strings.stops if req.stop_strings else []
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def delta(self, final: bool) -> str:
-        text = self.req.text(self.tokenizer)
-        if not final:
-            text = text[: len(text) - self.hold] if self.hold else text
-            if text.endswith("\ufffd") or not text.startswith(self.printed):
-                return ""
-        new, self.printed = text[len(self.printed) :], text
-        return new
 
 
 def build_parser() -> argparse.ArgumentParser:

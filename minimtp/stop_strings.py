@@ -48,3 +48,23 @@ class StopStrings:
         if hit is None:
             return text
         return text[: hit[0] + (len(hit[1]) if self.include else 0)]
+
+
+class TextStream:
+    """The text a stream may show so far: the continuation cut at a stop string (``stops.cut``), less its last
+    (longest stop string - 1) characters, which may still become a stop string, and nothing while it ends in a
+    partial UTF-8 character. ``delta(tokens, final=True)`` returns the rest: the shown text is then exactly the
+    cut text."""
+
+    def __init__(self, stops: StopStrings):
+        self.stops, self.shown = stops, ""
+        self.hold = max((len(s) for s in stops.stops), default=1) - 1
+
+    def delta(self, tokens: list[int], final: bool = False) -> str:
+        text = self.stops.cut(tokens)
+        if not final:
+            text = text[: len(text) - self.hold]
+            if text.endswith("\ufffd") or not text.startswith(self.shown):
+                return ""
+        new, self.shown = text[len(self.shown) :], text
+        return new

@@ -54,12 +54,13 @@ def _verify_backends(name: str):
     raise CompatibilityError(f"verify backend {name!r}: expected 'torch' or 'triton'")
 
 
-def _groups(seqs: list[Request], key) -> list[tuple[object, list[int]]]:
-    """[(key, positions of the requests with that key)] in first-seen order: one batched call per setting."""
+def _groups(seqs: list[Request], key) -> list[tuple[object, list[int], slice | torch.Tensor]]:
+    """[(key, positions of the requests with that key, their index)] in first-seen order: one batched call per
+    setting. The index is a slice when one setting covers the batch, so its rows are views, not copies."""
     out: dict = defaultdict(list)
     for b, s in enumerate(seqs):
         out[key(s)].append(b)
-    return list(out.items())
+    return [(k, bs, slice(None) if len(out) == 1 else torch.tensor(bs)) for k, bs in out.items()]
 
 
 class Engine:
@@ -207,8 +208,7 @@ class Engine:
         logits = _controlled(active, logits, drafts_l, 0, [kb + 1 for kb in ks])  # row j: after d_1..d_j
         num_drafts, V = torch.tensor(ks, dtype=torch.long), logits.shape[-1]
         ids, n_emit = torch.full((B, K + 1), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        for (params, sampled), bs in _groups(active, lambda s: (s.params, s.sampled_drafts)):
-            i = torch.tensor(bs)
+        for (params, sampled), bs, i in _groups(active, lambda s: (s.params, s.sampled_drafts)):
             if params.is_greedy:
                 ids[i], n_emit[i] = self.verify_greedy(logits[i], drafts[i], num_drafts[i])
                 continue
@@ -263,18 +263,18 @@ class Engine:
                 logits = _controlled(seqs, logits[:, None], made, j, [int(kb > j) for kb in ks])[:, 0]
             last = logits.float().argmax(-1)  # argmax drafts (an exact upcast)
             q = None
-            for params, bs in sampled:
+            for params, bs, i in sampled:
                 if params is None:
                     continue
-                qb = self.process_logits(logits[bs], params)
+                qb = self.process_logits(logits[i], params)
                 q = torch.zeros(logits.shape, dtype=qb.dtype) if q is None else q
-                q[bs] = qb
+                q[i] = qb
                 # only requests that use step j draw from their generator: a request's random stream never
                 # depends on its batchmates (the others get dummy noise; their step-j drafts are discarded)
                 noise = torch.ones(len(bs), logits.shape[-1])
                 use = [i for i, b in enumerate(bs) if ks[b] > j]
                 noise[use] = draw_exponentials([seqs[bs[i]].gen for i in use], logits.shape[-1])
-                last[bs] = sample(q[bs], noise)
+                last[i] = sample(qb, noise)
             if q is not None:
                 qs.append(q)
             drafts.append(last)
@@ -283,10 +283,10 @@ class Engine:
     def _pick(self, seqs: list[Request], logits: torch.Tensor) -> list[int]:
         """Plain decoding's token from one row per request."""
         out = logits.argmax(-1)
-        for params, bs in _groups(seqs, lambda s: s.params):
+        for params, bs, i in _groups(seqs, lambda s: s.params):
             if not params.is_greedy:
-                probs = self.process_logits(logits[bs], params)
-                out[bs] = sample(probs, draw_exponentials([seqs[b].gen for b in bs], probs.shape[-1]))
+                probs = self.process_logits(logits[i], params)
+                out[i] = sample(probs, draw_exponentials([seqs[b].gen for b in bs], probs.shape[-1]))
         return out.tolist()
 
     def _emit(self, s: Request, toks: list[int]) -> None:

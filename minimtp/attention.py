@@ -24,7 +24,7 @@ The paged reference, :func:`paged_attention`, has one signature shared with its 
 
     out[i] = softmax_j( scale · q_i·k_j  (masked) ) · v_j
 
-Grouped-query attention: query head h reads KV head ``h // (Hq // Hkv)``. Only the blocks that hold keys a query
+Grouped-query attention: query head h reads KV head ``h // G`` (G = Hq // Hkv). Only the blocks that hold keys a query
 can see are read, so blocks that a sliding-window cache has freed (left at any id) are never touched.
 """
 
@@ -65,6 +65,7 @@ def paged_attention(
     kernels accumulate in). See the module docstring."""
     T, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
     out = torch.empty_like(q)
     cu = cu_q_lens.tolist()
     for b, L in enumerate(seq_lens.tolist()):
@@ -81,16 +82,11 @@ def paged_attention(
         mask = None  # one query sees exactly the keys lo .. L-1
         if e - s > 1:
             qpos, kpos = torch.arange(first_q, L)[:, None], torch.arange(lo, L)[None, :]
-            mask = (kpos <= qpos) & ((kpos > qpos - window) if window > 0 else True)
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1)[None].float(),  # [1, Hq, q_len, D]
-            k.transpose(0, 1)[None],  # [1, Hkv, n_keys, D]
-            v.transpose(0, 1)[None],
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=Hq != Hkv,
-        )
-        out[s:e] = o[0].transpose(0, 1)
+            mask = ((kpos <= qpos) & ((kpos > qpos - window) if window > 0 else True)).repeat(G, 1)
+        # grouped-query attention as G·q_len queries per KV head: [Hkv, G·q_len, D] (no copies of K/V per group)
+        qg = q[s:e].float().view(e - s, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * (e - s), D)
+        o = F.scaled_dot_product_attention(qg, k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, scale=scale)
+        out[s:e] = o.view(Hkv, G, e - s, D).permute(2, 0, 1, 3).reshape(e - s, Hq, D)
     return out
 
 

@@ -86,6 +86,7 @@ class Engine:
         verify_backend: str = "torch",
         block_size: int = 16,
         num_blocks: int | None = None,
+        prefill_chunk: int = 2048,
         draft_mode: str = "argmax",
         tokenizer=None,
     ):
@@ -94,9 +95,10 @@ class Engine:
         self.attention = get_attention_backend(attention_backend)
         self.verify, self.verify_greedy = _verify_backends(verify_backend)
         self.attention_backend, self.verify_backend = attention_backend, verify_backend
-        if block_size < 1:
-            raise GenerationError(f"block_size = {block_size}, expected >= 1")
-        self.block_size, self.num_blocks = block_size, num_blocks
+        for name, v in (("block_size", block_size), ("prefill_chunk", prefill_chunk)):
+            if v < 1:
+                raise GenerationError(f"{name} = {v}, expected >= 1")
+        self.block_size, self.num_blocks, self.prefill_chunk = block_size, num_blocks, prefill_chunk
         self.draft_mode = check_draft_mode(draft_mode)
         if assistant is not None:
             from minimtp.assistant import check_pair
@@ -176,16 +178,23 @@ class Engine:
         return res
 
     def _prefill(self, run, seqs: list[Request]) -> None:
-        """The prompts in one packed forward; the first token from the last row of each. A preempted request
-        recomputes prompt + its tokens but the last (still pending) and emits nothing new."""
-        out, cu = self._target_forward(run, seqs, [s.prompt + s.out[:-1] for s in seqs], last_rows=True)
-        rows = [c - 1 for c in cu[1:]]  # out.logits has these rows only (one per request)
-        for s, r in zip(seqs, rows):
-            s.cache_len, s.hidden = len(s.prompt) + max(len(s.out) - 1, 0), out.hidden[r]
-            s.stats.prompt_tokens = len(s.prompt)
-            run.cache.trim_window(s.id, s.cache_len)
-        fresh = [b for b, s in enumerate(seqs) if not s.out]
-        logits = out.logits[fresh][:, None]
+        """The prompts in packed forwards of at most ``prefill_chunk`` tokens per request (chunked prefill: a
+        query chunk attends only the keys it can see, so a long prompt costs chunk × context, not context²); the
+        first token from each last row. A preempted request recomputes prompt + its tokens but the last (still
+        pending) and emits nothing new."""
+        todo, n, last = [s.prompt + s.out[:-1] for s in seqs], self.prefill_chunk, [None] * len(seqs)
+        for a in range(0, max(map(len, todo)), n):
+            part = [b for b, t in enumerate(todo) if len(t) > a]
+            out, cu = self._target_forward(run, [seqs[b] for b in part], [todo[b][a : a + n] for b in part], True)
+            for r, b in enumerate(part):  # out.logits has one row per request, out.hidden all rows
+                seqs[b].cache_len = min(len(todo[b]), a + n)
+                run.cache.trim_window(seqs[b].id, seqs[b].cache_len)
+                last[b] = out.logits[r], out.hidden[cu[r + 1] - 1]
+        for s, (_, h) in zip(seqs, last):
+            s.hidden, s.stats.prompt_tokens = h, len(s.prompt)
+        if not (fresh := [b for b, s in enumerate(seqs) if not s.out]):
+            return
+        logits = torch.stack([last[b][0] for b in fresh])[:, None]
         logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
         for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
             self._emit(seqs[b], [t])

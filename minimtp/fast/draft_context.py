@@ -56,8 +56,7 @@ class DraftRoundContext:
         t = self.dcfg.layer_types[i]
         k, v = self.kv[t]
         B, Hq, d = q.shape
-        mask = self.mask[t]
-        o = F.scaled_dot_product_attention(
-            q.float()[:, :, None, :], k, v, attn_mask=mask, scale=1.0, enable_gqa=Hq != k.shape[1]
-        )[:, :, 0, :]
-        return (o if mask is None else torch.nan_to_num(o)).to(q.dtype)
+        mask, kvh = self.mask[t], k.shape[1]
+        # grouped-query attention as G = Hq / kvh queries per KV head (no copies of K/V per group)
+        o = F.scaled_dot_product_attention(q.float().view(B, kvh, Hq // kvh, d), k, v, attn_mask=mask, scale=1.0)
+        return (o if mask is None else torch.nan_to_num(o)).reshape(B, Hq, d).to(q.dtype)

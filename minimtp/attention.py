@@ -165,6 +165,13 @@ class PagedContext:
     def store(self, i, k, v):
         self.cache.write(i, self.slots[self.cfg.layer_types[i]], k, v)
 
+    def last_queries(self) -> torch.Tensor:
+        """The rows of each sequence's last new token; from now on each sequence has that one query (the layers
+        that follow write no K/V: the KV-shared ones)."""
+        rows = self.cu_q_lens[1:].long() - 1
+        self.cu_q_lens = torch.arange(len(rows) + 1, dtype=torch.int32, device=rows.device)
+        return rows
+
     def attend(self, i, q, window):
         src, t = self.cfg.kv_source(i), self.cfg.layer_types[i]
         kc, vc = self.cache.k[src], self.cache.v[src]

@@ -38,7 +38,7 @@ def speculative_decode(target, assistant, prompt: list[int], max_new_tokens: int
         probs = process_logits(logits, params)
         return probs.argmax(-1) if params.is_greedy else sample(probs, draw_exponentials(gen, V))
 
-    first = target_forward(prompt, 0, rows=slice(-1, None))  # prefill: the last row's logits only
+    first = target_forward(prompt, 0, rows="last")  # prefill: the last row only
     cache.trim_window(0, len(prompt))
     p, hidden, out = len(prompt), first.hidden[-1:], [int(pick(first.logits[-1:]))]
     while len(out) < max_new_tokens and out[-1] not in stops:

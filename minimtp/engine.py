@@ -185,11 +185,11 @@ class Engine:
         todo, n, last = [s.prompt + s.out[:-1] for s in seqs], self.prefill_chunk, [None] * len(seqs)
         for a in range(0, max(map(len, todo)), n):
             part = [b for b, t in enumerate(todo) if len(t) > a]
-            out, cu = self._target_forward(run, [seqs[b] for b in part], [todo[b][a : a + n] for b in part], True)
-            for r, b in enumerate(part):  # out.logits has one row per request, out.hidden all rows
+            out, _ = self._target_forward(run, [seqs[b] for b in part], [todo[b][a : a + n] for b in part], True)
+            for r, b in enumerate(part):  # out has one row per request (its last)
                 seqs[b].cache_len = min(len(todo[b]), a + n)
                 run.cache.trim_window(seqs[b].id, seqs[b].cache_len)
-                last[b] = out.logits[r], out.hidden[cu[r + 1] - 1]
+                last[b] = out.logits[r], out.hidden[r]
         for s, (_, h) in zip(seqs, last):
             s.hidden, s.stats.prompt_tokens = h, len(s.prompt)
         if not (fresh := [b for b, s in enumerate(seqs) if not s.out]):
@@ -249,8 +249,8 @@ class Engine:
         ctx = PagedContext(run.cache, self.attention, [s.id for s in seqs], starts, counts)
         tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(self.device)
-        rows = torch.tensor(counts, device=self.device).cumsum(0) - 1 if last_rows else "all"
-        return self.target.run(tok, pos, ctx, logit_rows=rows), ctx.cu_q_lens.tolist()
+        cu = ctx.cu_q_lens.tolist()
+        return self.target.run(tok, pos, ctx, logit_rows="last" if last_rows else "all"), cu
 
     def _draft(self, run, seqs: list[Request], ks: list[int]):
         """max(ks) drafting steps for every request at its constant position p = cache_len. Returns draft ids

@@ -287,14 +287,23 @@ class Gemma4(nn.Module):
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx, logit_rows=None) -> TargetOutput:
-        """Packed forward: ids/positions ``[T]``; ``ctx`` decides where K/V go and come from.
-        ``logit_rows``: None → no logits; ``slice``/index tensor → logits for those rows; "all" → every row."""
-        m = self.model
+        """Packed forward: ids/positions ``[T]``; ``ctx`` decides where K/V go and come from. ``logit_rows``: None →
+        no logits; ``slice``/index tensor → logits for those rows; "all" → every row; "last" → hidden states and
+        logits of each sequence's last row only (a prefill): the KV-shared layers, which write no K/V, then run on
+        those rows alone (as transformers' ``Gemma4TextModel._maybe_slice_kv_shared_inputs``)."""
+        m, cfg = self.model, self.config
         x = m.embed_tokens(ids)
         ple = m.per_layer_inputs(ids, x) if hasattr(m, "embed_tokens_per_layer") else None
-        rope = {t: rope_cos_sin(r, d, positions, x.dtype) for t, (r, d) in self._rope_types.items()}
-        for i, layer in enumerate(m.layers):
-            x = layer(x, rope[layer.self_attn.layer_type], ctx, None if ple is None else ple[:, i])
+        last = cfg.num_layers - cfg.num_kv_shared_layers if isinstance(logit_rows, str) and logit_rows == "last" else -1
+        for i in range(cfg.num_layers + 1):
+            if i == last:  # from here on only each sequence's last row matters
+                rows = ctx.last_queries()
+                x, positions, ple = x[rows], positions[rows], None if ple is None else ple[rows]
+            if i == 0 or i == last:
+                rope = {t: rope_cos_sin(r, d, positions, x.dtype) for t, (r, d) in self._rope_types.items()}
+            if i < cfg.num_layers:
+                layer = m.layers[i]
+                x = layer(x, rope[layer.self_attn.layer_type], ctx, None if ple is None else ple[:, i])
         h = m.norm(x)
         if logit_rows is None:
             return TargetOutput(h, None)

@@ -186,6 +186,34 @@ def test_chunked_prefill_gives_the_same_tokens(models, plain, chunk):
     torch.testing.assert_close(rows[chunk], rows[64], rtol=0, atol=1e-4)  # |logits| <= 12: fp32 noise ~1e-5
 
 
+@pytest.mark.parametrize("family", ["e2b", "unified_shared", "dense"])
+def test_prefill_runs_kv_shared_layers_on_last_rows(models, family):
+    """``run(..., logit_rows="last")`` (the prefill: KV-shared layers on each sequence's last row only) gives the
+    hidden states and logits of the full forward's last rows, and writes the same K/V."""
+    from minimtp.attention import PagedContext, paged_attention
+    from minimtp.kv_cache import KVCache
+
+    target = models(family)[0]
+    outs, caches = {}, {}
+    for rows in ("all", "last"):
+        cache = KVCache(target.config, {t: 64 for t in set(target.config.layer_types)}, 4)
+        for b, p in enumerate(PROMPTS):
+            cache.add(b)
+            cache.reserve(b, len(p))
+        ctx = PagedContext(cache, paged_attention, [0, 1, 2], [0, 0, 0], [len(p) for p in PROMPTS])
+        ids = torch.tensor([t for p in PROMPTS for t in p])
+        pos = torch.cat([torch.arange(len(p)) for p in PROMPTS])
+        outs[rows], caches[rows] = target.run(ids, pos, ctx, logit_rows=rows), cache
+    last = torch.tensor([len(p) for p in PROMPTS]).cumsum(0) - 1
+    assert outs["last"].hidden.shape[0] == 3
+    torch.testing.assert_close(outs["last"].hidden, outs["all"].hidden[last], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs["last"].logits, outs["all"].logits[last], rtol=0, atol=1e-4)
+    for i in caches["all"].k:
+        assert torch.equal(caches["all"].k[i], caches["last"].k[i]) and torch.equal(
+            caches["all"].v[i], caches["last"].v[i]
+        )
+
+
 def test_batching_does_not_change_greedy_output(models, plain):
     """Each prompt alone gives the same tokens as in the ragged batch (plain and speculative)."""
     target, assistant = models("e2b")

@@ -49,9 +49,9 @@ def _lines(names) -> int:
 
 
 def test_reference_core_size():
-    """The nine core modules with request.py, errors.py and stats.py: the reference a reader reads, at most 2,300
-    lines together (2,095 before the controls and per-request settings); the controls beside them at most 450; the
-    scheduler and the server at most 750."""
-    assert _lines([n for n in REFERENCE if n != "decode"]) <= 2300
+    """The nine core modules with request.py, errors.py and stats.py: the reference a reader reads, at most 2,330
+    lines together (2,095 before the controls and per-request settings, 2,292 before chunked prefill and the
+    KV-shared prefill); the controls beside them at most 450; the scheduler and the server at most 750."""
+    assert _lines([n for n in REFERENCE if n != "decode"]) <= 2330
     assert _lines(CONTROLS) <= 450
     assert _lines(SERVING) <= 750

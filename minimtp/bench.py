@@ -14,12 +14,21 @@ and a refined one that also uses the measured verify cost: E[tokens/round] · t_
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
 import sys
 import time
 
+# python -m minimtp.bench NAME ...: the other benchmarks, one module each
+SUBCOMMANDS = {
+    "controls": "minimtp.bench_controls",  # the cost of each decoding control
+    "serve": "minimtp.bench_serve",  # the server's throughput and latency by concurrency
+    "realsize": "minimtp.bench_realsize",  # random-weight checkpoints of the real sizes (and their sizes on paper)
+    "compare": "minimtp.bench_compare",  # minimtp and transformers side by side on one checkpoint
+    "longctx": "minimtp.bench_longctx",  # plain and speculative per-token cost by context length
+}
 PROMPTS = {
     "code": [
         "def fibonacci(n):\n",
@@ -317,16 +326,9 @@ def load_bench_pair(args):
 
 
 def main(argv=None) -> int:
-
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["controls"]:  # python -m minimtp.bench controls: the cost of each decoding control
-        from minimtp.bench_controls import main as controls_main
-
-        return controls_main(argv[1:])
-    if argv[:1] == ["serve"]:  # python -m minimtp.bench serve: the server's throughput and latency by concurrency
-        from minimtp.bench_serve import main as serve_main
-
-        return serve_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # python -m minimtp.bench controls|serve|realsize|longctx ...
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m minimtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--assistant", default=None)

@@ -69,3 +69,44 @@ def test_bench_serve_runs_end_to_end(tmp_path, capsys):
     assert report["overhead"][str(k)]["offline_tok_s"] > 0
     for f in ("serve.md", "serve.png"):
         assert (tmp_path / f).stat().st_size > 0
+
+
+def test_bench_longctx_runs_end_to_end(tmp_path, capsys):
+    """Both engines at two context lengths; --max-positions sets the limit the contexts must fit in."""
+    out = tmp_path / "lc"
+    argv = ["longctx", "--contexts", "16,600", "--new-tokens", "6", "--repeats", "1", "--out", str(out)]
+    assert main(argv + ["--max-positions", "700"]) == 0
+    rows = json.loads((out / "longctx.json").read_text())["rows"]
+    assert [(r["engine"], r["context"]) for r in rows] == [
+        ("reference", 16),
+        ("reference", 600),
+        ("fast", 16),
+        ("fast", 600),
+    ]
+    for r in rows:
+        assert r["plain"]["tau"] == 1.0 and r["spec"]["tau"] >= 1.0
+        assert 0 < r["plain"]["ms_per_token"] and 0 < r["spec"]["draft_ms_per_round"]
+    assert (out / "longctx.png").stat().st_size > 0
+    assert "per 1,000 tokens of context" in capsys.readouterr().out
+    assert main(argv + ["--max-positions", "512"]) == 2  # the contexts do not fit: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --contexts up to 600")
+
+
+@pytest.mark.slow
+def test_bench_compare_runs_end_to_end(tmp_path, capsys):
+    """minimtp and transformers on the embedded pair in child processes: every row of the table is filled."""
+    d, out = DEFAULT_DIR, tmp_path / "cmp"
+    argv = ["compare", "--model", f"{d}/target", "--assistant", f"{d}/assistant", "--prompt-tokens", "16"]
+    assert main(argv + ["--new-tokens", "4", "--out", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    m, t = res["rows"]["minimtp"], res["rows"]["transformers"]
+    for side in (m, t):
+        assert side["load_s"] > 0 and side["prefill_s"] > 0 and side["plain_tok_s"] > 0 and side["peak_rss_gb"] > 0
+    assert sorted(map(int, m["verify_ratio"])) == list(range(1, 8)) and m["c"] > 0
+    assert [p["k"] for p in m["predicted"]] == [7, 4, 4] and res["bandwidth_gbs"] > 0
+    md = capsys.readouterr().out
+    assert "| plain decode (tok/s) |" in md and "roofline" in md
+    assert main(["compare", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config.json" in err[0]

@@ -1,8 +1,9 @@
 """``python -m minimtp.bench longctx``: how the per-token cost of plain and speculative decoding grows with context.
 
-For each context length n the same prompt (the first n tokens of a long code file: minimtp's own source) is
-prefilled and continued for ``--new-tokens`` tokens, plain (no assistant) and speculatively (k drafts), on the
-reference Engine and on the FastEngine. Reported per run (median of the repeats): decode time per token after the
+For each context length n a prompt of n tokens (minimtp's own source files, always ending with the same 256
+tokens, so that what is predicted next is the same at every length) is prefilled and continued for
+``--new-tokens`` tokens, plain (no assistant) and speculatively (k drafts), on the reference Engine and on the
+FastEngine. Reported per run (median of the repeats): decode time per token after the
 first (prefill excluded), time to first token, and for the speculative runs the draft and verify time per round
 and the mean acceptance length τ. The claim checked is the one of docs/benchmarks.md "Long context": the
 speculative per-token cost grows no faster with n than the plain one,
@@ -42,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+TAIL = 256  # every prompt ends with the same tokens, so acceptance compares like with like
+
+
 def long_prompt(tok, n: int) -> list[int]:
-    """The first n tokens of minimtp's source files, concatenated (repeated if they are shorter)."""
-    text = "".join(p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parent.glob("**/*.py")))
+    """n tokens ending with the same TAIL tokens (the start of minimtp/engine.py), after n - TAIL tokens of the other
+    source files of minimtp (repeated if they are shorter)."""
+    root = Path(__file__).parent
+    tail = tok((root / "engine.py").read_text(encoding="utf-8"), verbose=False)["input_ids"][:TAIL]
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(root.glob("**/*.py")) if p.name != "engine.py")
     ids = tok(text, verbose=False)["input_ids"]
-    return (ids * (n // len(ids) + 1))[:n]
+    head = (ids * (n // len(ids) + 1))[: max(0, n - TAIL)]
+    return head + tail[len(tail) - min(n, TAIL) :]
 
 
 def measure(engine, prompt: list[int], k: int, new: int, repeats: int) -> dict:

@@ -72,6 +72,8 @@ class Engine:
     acceptance p(argmax q)); ``"sample"`` samples drafts from the processed drafter distribution q' and accepts
     with min(1, p/q') (expected acceptance Σ min(p, q')). Both are exact; at temperature 0 both are greedy.
     The models are used as given; ``minimtp.fast.FastEngine`` is this engine with the CPU fast twins.
+    ``prefill_chunk``: the most prompt tokens of one request per prefill forward (docs: concepts/paged-kv-cache,
+    "Chunked prefill").
     """
 
     draft_context = DraftPagedContext  # how the assistant reads the cache (attention.AttentionContext)

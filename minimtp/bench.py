@@ -249,7 +249,7 @@ def prefilled_cache(target, past: int, room: int, attention_backend: str = "torc
     return cache, forward, ids, hidden
 
 
-def target_forward_ms(target, past: int = 256, ks=(1, 2, 3, 5), reps: int = 30, rounds: int = 3, **kw) -> dict:
+def target_forward_ms(target, past=256, ks=(1, 2, 3, 5), reps=30, rounds=3, warmup=10, **kw) -> dict:
     """Median latency (ms) of a k-token forward of ``target`` over a paged cache of ``past`` tokens (logits for all
     k rows, as the verify step of a round), for each k in ``ks``. Every shape is warmed up first (oneDNN builds
     primitives per shape) and the shapes are interleaved over ``rounds`` against drift; ``kw``: attention_backend."""
@@ -264,7 +264,7 @@ def target_forward_ms(target, past: int = 256, ks=(1, 2, 3, 5), reps: int = 30, 
     res = {k: [] for k in ks}
     with torch.inference_mode():
         for k in ks:
-            for _ in range(10):
+            for _ in range(warmup):
                 step(k)
         for _ in range(rounds):
             for k in ks:

@@ -12,6 +12,7 @@ from minimtp.fast.fused import FusedAttention, FusedMLP, fuse_norms_
 from minimtp.fast.int8 import Int8Linear, quantize_assistant_
 from minimtp.fast.onednn import PackedLinear, PackedUnembedding, available, prepack_
 from minimtp.fast.top_p import process_logits
+from minimtp.fast.upcast import UpcastUnembedding, applies, upcast_
 from minimtp.model import MLP, Attention, Unembedding
 
 
@@ -35,7 +36,9 @@ def optimize(target, assistant=None, *, draft_dtype: str | None = None):
     """Rewrite ``target`` (and ``assistant``) **in place** with the CPU fast twins; returns them.
 
     Parameters and state-dict keys stay the same, outputs stay bit-identical (tests/test_fast.py). A bfloat16 CPU
-    model gets fused, oneDNN-prepacked matmuls and head; every CPU model gets the fused RMSNorm. ``draft_dtype=
+    model gets fused, oneDNN-prepacked matmuls and head where oneDNN has bfloat16, else float32-tiled matmuls for
+    inputs of many rows (``upcast.py``: within one bf16 ulp, not bit-identical); every CPU model gets the fused
+    RMSNorm. ``draft_dtype=
     "int8"`` also quantizes the assistant's weights (weight-only int8, bfloat16 activations): its proposals change,
     so acceptance may move, but the output distribution cannot (the target verifies; χ² tests). Idempotent."""
     if draft_dtype not in (None, "int8"):
@@ -48,6 +51,10 @@ def optimize(target, assistant=None, *, draft_dtype: str | None = None):
                 quantize_assistant_(assistant)
         elif available(model.model.norm.weight):
             _fuse_and_pack_(model)
+        elif applies(model.model.norm.weight):
+            upcast_(model)
+            if type(getattr(model, "unembed", None)) is Unembedding:
+                model.unembed = UpcastUnembedding()
         if model.model.norm.weight.device.type == "cpu":
             fuse_norms_(model)
     return target, assistant

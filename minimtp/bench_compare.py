@@ -137,15 +137,27 @@ def child_transformers(args) -> dict:
     vocab = model.config.get_text_config().vocab_size
     ids = torch.tensor([prompt_ids(args.prompt_tokens, vocab)])
 
-    def timed(n: int) -> float:
-        t = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n)
-        return time.perf_counter() - t
+    class Clock(transformers.StoppingCriteria):
+        """Called by generate after every token: its times give prefill and decode within one call."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def timed(n: int) -> tuple[float, list[float]]:
+        clock, t = Clock(), time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n, stopping_criteria=transformers.StoppingCriteriaList([clock]))  # fmt: skip
+        return t, clock.times
 
     with torch.inference_mode():
         timed(2)  # warm-up
-        res["prefill_s"] = timed(1)
-        res["plain_tok_s"] = (args.new_tokens - 1) / (timed(args.new_tokens) - res["prefill_s"])
+        t0, times = timed(args.new_tokens)  # as minimtp's stats: time to the first token, then the rest per token
+        res["prefill_s"] = times[0] - t0
+        res["plain_tok_s"] = (len(times) - 1) / (times[-1] - times[0])
     res["peak_rss_gb"] = peak_rss_gb()
     return res
 

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimtp.bench longctx", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target directory (default: the embedded pair)")
     p.add_argument("--assistant", default=None)
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory (default: the model's; a random-weight "
+        "`realsize` checkpoint has none: the embedded pair's ids fit its vocabulary)",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--contexts", default="16,1000,4000,16000", help="comma-separated prompt lengths in tokens")
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
         contexts = [int(x) for x in args.contexts.split(",")]
         if max(contexts) + args.new_tokens + args.k + 2 > args.max_positions:
             raise MinimtpError(f"--contexts up to {max(contexts)} need --max-positions > {args.max_positions}")
-        tok = load_tokenizer(model_dir)
+        tok = load_tokenizer(args.tokenizer or model_dir)
         rows = []
         for eng in args.engines.split(","):
             if eng not in ("reference", "fast"):

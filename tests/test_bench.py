@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -91,6 +92,20 @@ def test_bench_longctx_runs_end_to_end(tmp_path, capsys):
     assert main(argv + ["--max-positions", "512"]) == 2  # the contexts do not fit: one line, exit 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --contexts up to 600")
+
+
+def test_bench_longctx_tokenizer_from_elsewhere(tmp_path, capsys):
+    """A checkpoint without a tokenizer (as `realsize build` writes one): one line naming tokenizer.json, exit 2;
+    --tokenizer takes the ids from another directory."""
+    for part in ("target", "assistant"):
+        shutil.copytree(f"{DEFAULT_DIR}/{part}", tmp_path / part, ignore=shutil.ignore_patterns("tokenizer*"))
+    argv = ["longctx", "--model", str(tmp_path / "target"), "--assistant", str(tmp_path / "assistant")]
+    argv += ["--contexts", "16", "--new-tokens", "4", "--repeats", "1", "--engines", "fast", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer.json" in err[0]
+    assert main(argv + ["--tokenizer", f"{DEFAULT_DIR}/target"]) == 0
+    assert [r["context"] for r in json.loads((tmp_path / "longctx.json").read_text())["rows"]] == [16]
 
 
 @pytest.mark.slow

@@ -10,12 +10,17 @@ reference (``minimtp/``)        twin (``minimtp/fast/``)                     pro
 ==============================  ===========================================  ==========================================
 ``nn.Linear`` (bfloat16, CPU)   ``onednn.PackedLinear`` (oneDNN-prepacked)   bit-identical outputs
 ``model.Unembedding``           ``onednn.PackedUnembedding``                 bit-identical logits
+the same two, without oneDNN bf16 ``upcast.Upcast{Linear,Unembedding}``          float32-accumulation bound, 8+ rows
 ``model.Attention``, ``MLP``    ``fused.FusedAttention``, ``FusedMLP``       bit-identical logits, three target families
 ``model.RMSNorm``               ``fused.FusedRMSNorm``                       bit-identical
 ``attention.DraftPagedContext``  ``draft_context.DraftRoundContext``          equal draft logits; equal tokens
 a float drafter                 ``int8.quantize_assistant_`` (weight-only)   exactness: χ² tests (only acceptance moves)
 ``sampling.process_logits``     ``top_p.process_logits`` (no full sort)      bit-identical (tests/test_fast_top_p.py)
 ==============================  ===========================================  ==========================================
+
+Where oneDNN has no bfloat16 matmul (AVX2 CPUs) the upcast twins take the oneDNN ones' place: float32 tiles of the
+weight for inputs of 8 or more rows (prefill, long verifications), the reference kernel below
+(tests/test_fast_upcast.py).
 """
 
 from minimtp.fast.optimize import FastEngine, optimize, weights_dtype

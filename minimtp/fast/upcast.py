@@ -75,4 +75,6 @@ class UpcastUnembedding(nn.Module):
 def upcast_(module: nn.Module) -> int:
     """Replace every bfloat16 CPU ``nn.Linear`` inside ``module`` that oneDNN cannot multiply by an
     :class:`UpcastLinear`, in place. Returns the count."""
-    return swap_(module, lambda m: UpcastLinear(m.weight, m.bias) if type(m) is nn.Linear and applies(m.weight) else None)
+    return swap_(
+        module, lambda m: UpcastLinear(m.weight, m.bias) if type(m) is nn.Linear and applies(m.weight) else None
+    )

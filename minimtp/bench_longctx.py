@@ -96,6 +96,8 @@ def markdown(rows: list[dict], header: str) -> str:
         rs = [r for r in rows if r["engine"] == eng]
         a, b = rs[0], rs[-1]
         dn = (b["context"] - a["context"]) / 1000
+        if dn <= 0:
+            continue  # one context length: no slope
         sp = (b["plain"]["ms_per_token"] - a["plain"]["ms_per_token"]) / dn
         ss = (b["spec"]["ms_per_token"] - a["spec"]["ms_per_token"]) / dn
         lines.append(f"\n{eng}: per 1,000 tokens of context, plain {sp:+.2f} ms/token, speculative {ss:+.2f} ms/token")

@@ -105,6 +105,7 @@ def test_bench_longctx_tokenizer_from_elsewhere(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tokenizer.json" in err[0]
     assert main(argv + ["--tokenizer", f"{DEFAULT_DIR}/target"]) == 0
+    assert "per 1,000 tokens" not in capsys.readouterr().out  # one context: a table, no slope
     assert [r["context"] for r in json.loads((tmp_path / "longctx.json").read_text())["rows"]] == [16]
 
 

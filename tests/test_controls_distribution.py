@@ -169,6 +169,7 @@ def _old_generators(seed, n):  # the pre-fix scheme: sequence i of seed s used s
     return gens
 
 
+@pytest.mark.slow  # a check of the harness's power (28 s), not of minimtp: with the slow suite
 def test_power_old_seed_scheme_is_rejected(monkeypatch):
     monkeypatch.setattr(request_mod, "make_generators", _old_generators)
     eng = make_engine(*pair(), tokenizer=TOK, draft_mode="sample")
@@ -177,6 +178,7 @@ def test_power_old_seed_scheme_is_rejected(monkeypatch):
     assert min(r.p_value for r in res.values()) < 1e-8, fmt(res)
 
 
+@pytest.mark.slow  # a check of the harness's power (50 s), not of minimtp: with the slow suite
 @pytest.mark.parametrize("case", ["frequency2", "regex"])
 def test_power_lagging_controls_are_rejected(case, monkeypatch):
     """Verify and draft rows adjusted with the emitted tokens only (the drafts before the row ignored)."""

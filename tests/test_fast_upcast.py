@@ -16,12 +16,14 @@ from minimtp.fast.swap import swap_
 from minimtp.fast.upcast import UpcastLinear, UpcastUnembedding, upcast_, upcast_linear
 
 
-def bf16_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """|y - exact| allowed for y = bf16(float32 sum of x_i w_i): half a bf16 ulp of the exact value (the final
-    rounding) plus k · 2⁻²⁴ · Σ|x_i w_i| (float32 accumulation in any order), computed in float64."""
-    exact = F.linear(x.double(), w.double())
+def bf16_error_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+    """(exact, allowed |y - exact|) for y = bf16(float32 sum of x_i w_i (+ b)): half a bf16 ulp of the exact value
+    (the final rounding) plus (k + 1) · 2⁻²⁴ · (Σ|x_i w_i| + |b|) (float32 accumulation in any order), in float64."""
+    bd = None if b is None else b.double()
+    exact = F.linear(x.double(), w.double(), bd)
     ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-126))) - 7)
-    return exact, ulp / 2 + w.shape[1] * 2.0**-24 * F.linear(x.double().abs(), w.double().abs())
+    mag = F.linear(x.double().abs(), w.double().abs(), None if bd is None else bd.abs())
+    return exact, ulp / 2 + (w.shape[1] + 1) * 2.0**-24 * mag
 
 
 @pytest.mark.parametrize("n, k", [(100, 37), (513, 300), (7, 5), (3072, 256), (384, 1536)])
@@ -51,8 +53,8 @@ def test_upcast_linear_bias_and_fallbacks():
     twin = UpcastLinear(lin.weight, lin.bias)
     with torch.no_grad():
         y, ref = twin(x), lin(x)
-        exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    assert (y.double() - exact).abs().max() <= (ref.double() - exact).abs().max() + 0.05
+        exact, bound = bf16_error_bound(x, lin.weight, lin.bias)
+    assert ((y.double() - exact).abs() <= bound).all() and ((ref.double() - exact).abs() <= bound).all()
     assert (y == ref).double().mean() >= 0.99
     # training (grad enabled, weight requires grad) and mixed dtypes take the reference kernel: equal, differentiable
     y = twin(x)
@@ -82,9 +84,9 @@ def test_upcast_swaps_bf16_cpu_linears_only():
 @pytest.mark.parametrize("family", ["e2b", "moe", "dense"])
 def test_upcast_target_as_close_to_float32_as_the_reference(saved, family):
     """A bf16 target with every linear and the head upcast (forced, whatever this CPU has): its logits over 2 × 12
-    prompt rows are no farther from the float32 model's than the reference bf16 model's are (≤ 1.25× the
-    reference's max error, plus 1e-2: both are bf16 models rounding differently), and most positions keep their
-    argmax."""
+    prompt rows are about as far from the float32 model's as the reference bf16 model's are. Both are bf16 models
+    rounding differently; measured over 3 seeds × these 3 families, the ratio of the max errors was 1.00–1.17, so the
+    bound is 1.25×. It keeps the float32 argmax at all but at most two more positions than the reference does."""
     tdir = saved(family)[0]
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -96,8 +98,9 @@ def test_upcast_target_as_close_to_float32_as_the_reference(saved, family):
         assert n > 0
         fast = target(ids).float()
     err_ref, err_fast = (ref - exact).abs().max().item(), (fast - exact).abs().max().item()
-    assert err_fast <= 1.25 * err_ref + 1e-2, (err_fast, err_ref)
-    assert (fast.argmax(-1) == exact.argmax(-1)).double().mean() >= 0.9
+    assert err_fast <= 1.25 * err_ref, (err_fast, err_ref)
+    kept = [(out.argmax(-1) == exact.argmax(-1)).sum().item() for out in (ref, fast)]
+    assert kept[1] >= kept[0] - 2, kept
 
 
 def test_optimize_uses_upcast_where_onednn_has_no_bf16(saved):

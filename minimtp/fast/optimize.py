@@ -35,12 +35,12 @@ def _fuse_and_pack_(model: nn.Module) -> None:
 def optimize(target, assistant=None, *, draft_dtype: str | None = None):
     """Rewrite ``target`` (and ``assistant``) **in place** with the CPU fast twins; returns them.
 
-    Parameters and state-dict keys stay the same, outputs stay bit-identical (tests/test_fast.py). A bfloat16 CPU
-    model gets fused, oneDNN-prepacked matmuls and head where oneDNN has bfloat16, else float32-tiled matmuls for
-    inputs of many rows (``upcast.py``: within one bf16 ulp, not bit-identical); every CPU model gets the fused
-    RMSNorm. ``draft_dtype=
-    "int8"`` also quantizes the assistant's weights (weight-only int8, bfloat16 activations): its proposals change,
-    so acceptance may move, but the output distribution cannot (the target verifies; χ² tests). Idempotent."""
+    Parameters and state-dict keys stay the same, outputs stay bit-identical (tests/test_fast.py) except where
+    stated. A bfloat16 CPU model gets fused, oneDNN-prepacked matmuls and head where oneDNN has bfloat16, else
+    float32-tiled matmuls for inputs of 8 or more rows (``upcast.py``: within the float32-accumulation bound, not
+    bit-identical); every CPU model gets the fused RMSNorm. ``draft_dtype="int8"`` also quantizes the assistant's
+    weights (weight-only int8, bfloat16 activations): its proposals change, so acceptance may move, but the output
+    distribution cannot (the target verifies; χ² tests). Idempotent."""
     if draft_dtype not in (None, "int8"):
         raise GenerationError(f"draft_dtype = {draft_dtype!r}: expected None (keep the assistant's) or 'int8'")
     for model in (target, assistant):

@@ -96,10 +96,11 @@ def main(argv=None) -> int:
         print("kernels/bench.py needs a CUDA GPU (the interpreter would time Python, not the kernels).")
         return 2
     import triton
+    from triton.testing import do_bench
+
     from minimtp.kernels import paged_attention as pa
     from minimtp.kernels import verify as vk
     from minimtp.kernels.runtime import is_interpreted
-    from triton.testing import do_bench
 
     if is_interpreted(pa._paged_attention_kernel):
         print("kernels/bench.py times the compiled kernels: unset TRITON_INTERPRET (it is set to 1 here).")

@@ -19,7 +19,7 @@ docstring first). The walk-through with pictures is ``docs/concepts/kernels.md``
   unnormalised partial result ``(acc, m, l)``, and :func:`_reduce_segments_kernel` merges them.
 
 On CPU the kernels run under Triton's interpreter, an explicit opt-in: ``TRITON_INTERPRET=1`` in the environment
-before Python starts (``@triton.jit`` decides when it decorates; see :mod:`minimtp.kernels`). Without it, CPU
+before Python starts (``@triton.jit`` decides when it decorates; see :mod:`minimtp.kernels.runtime`). Without it, CPU
 tensors raise :class:`minimtp.errors.CompatibilityError`. Interpreter rules: bf16 is upcast to fp32
 (``UPCAST``), no libdevice, no block pointers, ``tl.cast`` on scalars, no autotuning, no device queries.
 
@@ -34,6 +34,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from minimtp.kernels.runtime import check_launch, is_interpreted
 
 LOG2E = 1.4426950408889634

@@ -3,10 +3,23 @@ it can run as neither.
 
 Triton decides per kernel, at the moment ``@triton.jit`` decorates it: with ``TRITON_INTERPRET=1`` in the
 environment then, the kernel becomes an ``InterpretedFunction`` (NumPy on CPU tensors), otherwise a
-``JITFunction`` (compiled for the GPU at its first launch). minimtp never sets the variable itself; see the
-package docstring (``minimtp.kernels``) for the opt-in. The wrappers call :func:`check_launch` before launching,
-so a wrong setup fails with :class:`minimtp.errors.CompatibilityError` instead of an error from deep inside
-Triton.
+``JITFunction`` (compiled for the GPU at its first launch). The wrappers call :func:`check_launch` before
+launching, so a wrong setup fails with :class:`minimtp.errors.CompatibilityError` instead of an error from deep
+inside Triton.
+
+**On a CUDA GPU** the kernels are compiled at their first launch; nothing to do.
+
+**On CPU** they run under Triton's interpreter (NumPy, slow, the same kernel source), and that is an explicit
+opt-in: set ``TRITON_INTERPRET=1`` in the environment *before starting Python*::
+
+    TRITON_INTERPRET=1 python -m minimtp.generate --attention triton --prompt "def f(x):"
+
+Before the process starts, because torch (``torch._dynamo``, pulled in by transformers) may import ``triton``
+long before a kernel module, and Triton's own ``tl.max`` / ``tl.sum`` are decorated when ``triton`` is first
+imported. A script can still set it in its first lines, before it imports torch, transformers or minimtp (the
+tutorials do). minimtp never sets the variable itself, and importing a kernel module writes no environment
+variable and patches nothing in ``triton``. The walk-through: ``docs/concepts/kernels.md``, "Testing without a
+GPU".
 """
 
 from __future__ import annotations

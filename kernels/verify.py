@@ -26,7 +26,7 @@ int32 at ~8k rows of Gemma's 262,144 vocabulary).
 Not reproduced: NaN logits / probabilities (``torch.argmax`` returns the NaN's index, the kernel skips NaNs).
 
 On CPU the kernels run under Triton's interpreter, an explicit opt-in: ``TRITON_INTERPRET=1`` in the environment
-before Python starts (``@triton.jit`` decides when it decorates; see :mod:`minimtp.kernels`). Without it, CPU
+before Python starts (``@triton.jit`` decides when it decorates; see :mod:`minimtp.kernels.runtime`). Without it, CPU
 tensors raise :class:`minimtp.errors.CompatibilityError`.
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from minimtp.kernels.runtime import check_launch
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def mt_steps(assistant, target, ids, p: int, steps: int = 2, cut: bool = True):
     return res
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("ordered", [True, False], ids=["centroid", "dense_head"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_step_matches_transformers(assistant_dir, family, ordered):

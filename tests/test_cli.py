@@ -192,6 +192,7 @@ def test_model_dir_without_tokenizer(capsys, tmp_path):
     assert rc == 2 and "no tokenizer.json" in err and err.count("\n") == 1
 
 
+@pytest.mark.smoke
 def test_python_dash_m_exit_codes():
     """The real entry point: a working run exits 0, bad input exits 2 with one line and no traceback."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -141,6 +141,7 @@ def test_speculative_greedy_equals_plain_full_grid(models, plain, family, k):
     check_greedy(models, plain, family, k)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_greedy_equals_transformers(plain, family):
     hf = untie_hf(build_target(family))

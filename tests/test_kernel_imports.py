@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from minimtp.kernels.runtime import NEEDS_CUDA, SET_TOO_LATE
 
 ROOT = Path(__file__).resolve().parents[1]

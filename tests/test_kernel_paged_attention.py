@@ -17,10 +17,10 @@ import math
 
 import pytest
 import torch
-from minimtp.kernels import paged_attention as pa
-from minimtp.kernels.runtime import is_interpreted
 
 from minimtp.attention import paged_attention as reference
+from minimtp.kernels import paged_attention as pa
+from minimtp.kernels.runtime import is_interpreted
 
 pytestmark = pytest.mark.interp
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from minimtp.kernels import verify as kv
-from minimtp.kernels.runtime import is_interpreted
 from test_speculative import verify_cases
 
 from minimtp import speculative as ref
+from minimtp.kernels import verify as kv
+from minimtp.kernels.runtime import is_interpreted
 from minimtp.sampling import draw_exponentials, draw_uniforms, make_generators
 
 pytestmark = [

@@ -60,6 +60,7 @@ def copy_ckpt(src: str, dst) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_logits_match_transformers(saved, family, layout):

@@ -206,6 +206,7 @@ def test_shipped_tokenizer():
         assert json.load(f)["num_assistant_tokens"] >= 1
 
 
+@pytest.mark.smoke
 @shipped
 def test_shipped_target_matches_transformers():
     from transformers import Gemma4ForCausalLM

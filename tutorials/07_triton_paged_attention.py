@@ -33,11 +33,11 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else "tutorials")
 from _tiny import tiny_assistant, tiny_target
-from minimtp.kernels.paged_attention import _random_case
-from minimtp.kernels.paged_attention import paged_attention as library_kernel
 
 import minimtp
 from minimtp.attention import paged_attention as reference
+from minimtp.kernels.paged_attention import _random_case
+from minimtp.kernels.paged_attention import paged_attention as library_kernel
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 print("Triton", triton.__version__, "| interpreter:", bool(triton.knobs.runtime.interpret))

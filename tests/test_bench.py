@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from minimtp.bench import alpha_from_acceptance_length, main, predicted_speedup
-from minimtp.generate import DEFAULT_DIR
+from minimtp.bench.__main__ import main
+from minimtp.bench.speedup import alpha_from_acceptance_length, predicted_speedup
+from minimtp.flags import DEFAULT_DIR
 
 
 def test_speedup_model():

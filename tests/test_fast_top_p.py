@@ -2,7 +2,8 @@
 (float32 / bfloat16 / float64; V = 10 .. 262,144; exact ties; nearly flat rows that double up to the full sort;
 -inf entries; min-p), and the hook: FastEngine uses the twin, Engine the reference.
 
-``python tests/test_fast_top_p.py`` prints reference vs twin ms per row (minimtp.bench.top_p_ms, single thread)."""
+``python tests/test_fast_top_p.py`` prints reference vs twin ms per row (minimtp.bench.timing.top_p_ms, single
+thread)."""
 
 from __future__ import annotations
 
@@ -126,11 +127,11 @@ def test_hook():
 
 
 if __name__ == "__main__":
-    from minimtp.bench import top_p_ms
+    from minimtp.bench.timing import top_p_ms
 
     torch.set_num_threads(1)
     for peaked in (False, True):
         for rows in (1, 7):
-            ref, twin = top_p_ms(rows=rows, peaked=peaked)  # minimtp/bench.py
+            ref, twin = top_p_ms(rows=rows, peaked=peaked)  # minimtp/bench/timing.py
             name = "8 * randn (peaked)" if peaked else "3 * randn"
             print(f"{name:20s} rows={rows}: reference {ref:7.2f} ms/row, twin {twin:7.2f} ms/row, x{ref / twin:.1f}")

@@ -1,4 +1,4 @@
-"""Random-weight checkpoints of the real sizes (``python -m minimtp.bench realsize``; minimtp/bench_realsize.py).
+"""Random-weight checkpoints of the real sizes (``python -m minimtp.bench realsize``; minimtp/bench/realsize.py).
 
 Default run: the sizes counted on the meta device (E2B's 4.63 B text parameters), the depth-reduction rule and the
 one-line errors. Slow: a reduced-depth, real-width E2B pair (10 layers, 5 KV-shared; the full 262,144-token
@@ -21,7 +21,7 @@ import torch
 from test_assistant import hf_steps, hf_target_states, mt_steps
 
 import minimtp
-from minimtp import bench_realsize as rs
+from minimtp.bench import realsize as rs
 from minimtp.config import FULL, SLIDING
 
 S, NEW, LAYERS = 12, 8, 10  # prompt tokens, new tokens, target depth

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in g
 from _tiny import FAST, tiny_assistant, tiny_target
 
 import minimtp
-from minimtp.bench import predicted_speedup
+from minimtp.bench.speedup import predicted_speedup
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else "tutorials", "_out")
@@ -65,8 +65,8 @@ for alpha in (0.5, 0.8):
 #
 # $$\text{speedup}(\alpha, k, c) = \frac{1-\alpha^{k+1}}{(1-\alpha)(k c + 1)}.$$
 #
-# It exceeds 1 for some $k$ iff $\alpha > c$ (take $k = 1$: $(1+\alpha)/(1+c)$). `minimtp.bench.predicted_speedup`
-# implements it; the best $k$ grows with $\alpha$ and shrinks with $c$.
+# It exceeds 1 for some $k$ iff $\alpha > c$ (take $k = 1$: $(1+\alpha)/(1+c)$).
+# `minimtp.bench.speedup.predicted_speedup` implements it; the best $k$ grows with $\alpha$ and shrinks with $c$.
 
 
 # %%

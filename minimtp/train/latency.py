@@ -1,6 +1,6 @@
 """``bench``: the 1-token against the k-token forward latency of a target shape (and an assistant step), with
-random weights, in bf16 and fp32; the timing is :func:`minimtp.bench.target_forward_ms` and
-:func:`minimtp.bench.assistant_step_ms` (the engine's paged cache and attention)."""
+random weights, in bf16 and fp32; the timing is :func:`minimtp.bench.timing.target_forward_ms` and
+:func:`minimtp.bench.timing.assistant_step_ms` (the engine's paged cache and attention)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import torch
 
 from minimtp.assistant import Gemma4Assistant
-from minimtp.bench import assistant_step_ms, target_forward_ms
+from minimtp.bench.timing import assistant_step_ms, target_forward_ms
 from minimtp.config import parse_text_config
 from minimtp.model import Gemma4
 from minimtp.train.configs import (

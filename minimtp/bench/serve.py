@@ -4,7 +4,7 @@ without the assistant, and what the HTTP layer costs.
 Method (docs: guides/serving): one server (``python -m minimtp.serve`` in a child process, on a free loopback
 port); for each concurrency level c, ``--requests-per-level`` streaming ``/v1/completions``
 requests from ``openai.AsyncOpenAI``, c in flight at a time, greedy, ``ignore_eos`` (exactly ``--max-tokens``
-tokens each), the code prompts of ``minimtp.bench.PROMPTS`` in turn; with the assistant (per-request
+tokens each), the code prompts of ``minimtp.bench.speedup.PROMPTS`` in turn; with the assistant (per-request
 ``num_speculative_tokens`` = the default k) and without (0) on the same server, both warmed up at each level.
 
 * TTFT: from sending a request to its first chunk with text.
@@ -25,20 +25,39 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
+import urllib.request
 
-from minimtp.bench import PROMPTS
+import numpy as np
+import torch
 
-PAIR = ("--model", "--assistant", "--num-speculative-tokens", "--dtype", "--draft-dtype", "--reference",
-        "--draft-mode", "--attention", "--verifier")  # fmt: skip
+from minimtp.bench.speedup import PROMPTS
+from minimtp.bench.timing import load_bench_pair
+from minimtp.config import load_assistant_config
+from minimtp.errors import MinimtpError
+from minimtp.fast import weights_dtype
+from minimtp.generate import DEFAULT_DIR, load_tokenizer
+from minimtp.serve import build_parser as serve_parser
+
+# the model-pair flags of python -m minimtp.serve (and .generate), passed on to the server
+PAIR = (
+    "--model",
+    "--assistant",
+    "--num-speculative-tokens",
+    "--dtype",
+    "--draft-dtype",
+    "--reference",
+    "--draft-mode",
+    "--attention",
+    "--verifier",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minimtp.serve import build_parser as serve_parser
-
     p = argparse.ArgumentParser(prog="python -m minimtp.bench serve", description=__doc__.split("\n\n")[0])
-    for a in serve_parser()._actions:  # the model-pair flags of python -m minimtp.serve (and .generate)
+    for a in serve_parser()._actions:
         if set(a.option_strings) & set(PAIR):
             p._add_action(a)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a 2-vCPU VM)")
@@ -53,9 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 def start_server(args, max_num_seqs: int):
     """(server process, port): ``python -m minimtp.serve`` with the bench's settings on a free loopback port, in its
     own process (as a real deployment: the client's Python work does not share the server's interpreter lock)."""
-    import subprocess
-    import urllib.request
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -63,8 +79,11 @@ def start_server(args, max_num_seqs: int):
     cmd += ["--max-num-seqs", str(max_num_seqs), "--max-waiting", str(max_num_seqs)]
     cmd += ["--max-model-len", str(256 + args.max_tokens)]  # the prompts are short; the pool fits max_num_seqs
     for flag in PAIR:
-        v = getattr(args, flag[2:].replace("-", "_"))
-        cmd += [flag] if v is True else [] if v in (None, False) else [flag, str(v)]
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:
+            cmd.append(flag)
+        elif value not in (None, False):
+            cmd += [flag, str(value)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         if proc.poll() is not None:
@@ -79,11 +98,21 @@ def start_server(args, max_num_seqs: int):
 
 
 async def one_request(client, model: str, prompt: str, max_tokens: int, k: int) -> dict:
+    """One streamed completion: its text, its tokens (``usage``), and for every chunk with text its time since the
+    request was sent and the text's length after it."""
     t0 = time.perf_counter()
-    extra = {"ignore_eos": True, "num_speculative_tokens": k}
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, extra_body=extra)  # fmt: skip
-    times, ends, text, tokens = [], [], "", 0
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "num_speculative_tokens": k},
+    )
+    times = []
+    ends = []
+    text = ""
+    tokens = 0
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.usage:
@@ -112,37 +141,58 @@ async def run_level(client, model: str, prompts: list[str], c: int, n: int, max_
 def itl_samples(r: dict, count) -> tuple[list[float], int]:
     """Inter-token gaps of one streamed request (module docstring) and the re-tokenized token count."""
     prefix = [count(r["text"][:e]) for e in r["ends"]]
-    out, last_t, last_n = [], r["times"][0] if r["times"] else 0.0, prefix[0] if prefix else 0
+    if not prefix:
+        return [], 0
+    gaps = []
+    last_t = r["times"][0]
+    last_n = prefix[0]
     for t, n in zip(r["times"][1:], prefix[1:]):
         if n > last_n:
-            out += [(t - last_t) / (n - last_n)] * (n - last_n)
-            last_t, last_n = t, n
-    return out, prefix[-1] if prefix else 0
+            gaps += [(t - last_t) / (n - last_n)] * (n - last_n)
+            last_t = t
+            last_n = n
+    return gaps, prefix[-1]
+
+
+def _percentile_ms(xs: list[float], q: float) -> float:
+    """The q-th percentile of ``xs`` (seconds) in milliseconds, NaN if empty."""
+    return float(np.percentile(xs, q)) * 1e3 if xs else float("nan")
 
 
 def summarize(res: list[dict], wall: float, c: int, k: int, count) -> dict:
-    import numpy as np
-
-    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")
+    """One level's row: tokens, aggregate tok/s, p50/p99 TTFT and ITL, p50 end-to-end latency."""
     ttft = [r["times"][0] for r in res if r["times"]]
-    itl, counted = [], 0
+    itl = []
+    counted = 0
     for r in res:
         gaps, n = itl_samples(r, count)
         itl += gaps
         counted += n
     tokens = sum(r["tokens"] for r in res)
-    return dict(concurrency=c, k=k, requests=len(res), tokens=tokens, retokenized_tokens=counted, wall_s=wall,
-                tok_s=tokens / wall, ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50),
-                itl_p99_ms=pct(itl, 99), e2e_p50_ms=pct([r["e2e_s"] for r in res], 50))  # fmt: skip
+    return dict(
+        concurrency=c,
+        k=k,
+        requests=len(res),
+        tokens=tokens,
+        retokenized_tokens=counted,
+        wall_s=wall,
+        tok_s=tokens / wall,
+        ttft_p50_ms=_percentile_ms(ttft, 50),
+        ttft_p99_ms=_percentile_ms(ttft, 99),
+        itl_p50_ms=_percentile_ms(itl, 50),
+        itl_p99_ms=_percentile_ms(itl, 99),
+        e2e_p50_ms=_percentile_ms([r["e2e_s"] for r in res], 50),
+    )
 
 
 async def run_levels(port: int, model: str, levels: list[int], args, ks: list[int], count):
     """Every level, each draft length of ``ks`` (warm-ups first): (summary rows, {(c, k): [(prompt, text)]})."""
-    import openai
+    import openai  # a dev extra (pip install minimtp[dev]); --help works without it
 
     prompts = PROMPTS["code"]
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=3600)
-    rows, texts = [], {}
+    rows = []
+    texts = {}
     for c in levels:
         n = args.requests_per_level or max(8, 2 * c)
         for kk in ks:
@@ -158,30 +208,41 @@ async def run_levels(port: int, model: str, levels: list[int], args, ks: list[in
 def offline(engine, tok, args, k: int, n: int) -> tuple[float, dict]:
     """tok/s of the concurrency-1 level's n prompts through ``engine.generate`` one by one, and each prompt's text."""
     prompts = PROMPTS["code"]
-    gen = dict(max_new_tokens=args.max_tokens, temperature=0.0, stop_token_ids=[], num_speculative_tokens=max(k, 1),
-               use_assistant=k > 0)  # fmt: skip
+    gen = dict(
+        max_new_tokens=args.max_tokens,
+        temperature=0.0,
+        stop_token_ids=[],
+        num_speculative_tokens=max(k, 1),
+        use_assistant=k > 0,
+    )
     engine.generate([tok(prompts[0])["input_ids"]], **{**gen, "max_new_tokens": min(4, args.max_tokens)})  # warm-up
-    tokens, texts, t0 = 0, {}, time.perf_counter()
+    tokens = 0
+    texts = {}
+    t0 = time.perf_counter()
     for i in range(n):
-        r = engine.generate([tok(prompts[i % len(prompts)])["input_ids"]], **gen)
+        prompt = prompts[i % len(prompts)]
+        r = engine.generate([tok(prompt)["input_ids"]], **gen)
         tokens += len(r.tokens[0])
-        texts[prompts[i % len(prompts)]] = r.texts[0] if r.texts else None
+        texts[prompt] = r.texts[0] if r.texts else None
     return tokens / (time.perf_counter() - t0), texts
 
 
 def markdown(rows: list[dict], header: str) -> str:
+    """The table of the levels' rows under ``header``."""
     cols = "concurrency | assistant | requests | aggregate tok/s | p50 TTFT ms | p99 TTFT ms | p50 ITL ms | p99 ITL ms"
     out = [header, "", f"| {cols} |", "|---" * 8 + "|"]
     for r in rows:
-        yes = f"yes (k={r['k']})" if r["k"] else "no"
-        out.append(f"| {r['concurrency']} | {yes} | {r['requests']} | "
-                   f"{r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | "
-                   f"{r['itl_p99_ms']:.1f} |")  # fmt: skip
+        assistant = f"yes (k={r['k']})" if r["k"] else "no"
+        out.append(
+            f"| {r['concurrency']} | {assistant} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |"
+        )
     return "\n".join(out)
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    """serve.png: aggregate tok/s and p50 TTFT against concurrency, with and without the assistant."""
+    import matplotlib  # an optional extra (pip install minimtp[plots])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,25 +268,16 @@ def plot(rows: list[dict], path: str) -> None:
 
 def _default_k(args) -> int:
     """The assistant's num_assistant_tokens (what the server drafts by default), else 6."""
-    from minimtp.config import load_assistant_config
-    from minimtp.generate import DEFAULT_DIR
-
-    return load_assistant_config(args.assistant or os.path.join(DEFAULT_DIR, "assistant")).num_assistant_tokens or 6
+    asst_dir = args.assistant or os.path.join(DEFAULT_DIR, "assistant")
+    return load_assistant_config(asst_dir).num_assistant_tokens or 6
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from minimtp.errors import MinimtpError
-    from minimtp.fast import weights_dtype
-
     if args.model and not args.assistant:
         print("error: --assistant DIR is required with --model", file=sys.stderr)
         return 2
     levels = sorted({1, *(int(x) for x in args.concurrency.split(","))})
-    import torch
-
-    from minimtp.bench import load_bench_pair
-
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     model = "minimtp-default" if args.model is None else os.path.basename(args.model.rstrip("/"))
@@ -235,11 +287,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        from minimtp.generate import DEFAULT_DIR, load_tokenizer
-
         tok = load_tokenizer(args.model or os.path.join(DEFAULT_DIR, "target"))
         k = args.num_speculative_tokens
-        k = 0 if k == 0 else k or _default_k(args)
+        if k is None:
+            k = _default_k(args)
         ks = [k, 0] if k else [0]  # with the assistant (the default k), then plain
 
         def count(text: str) -> int:
@@ -254,7 +305,8 @@ def main(argv=None) -> int:
     except MinimtpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n1, overhead = rows[0]["requests"], {}
+    n1 = rows[0]["requests"]
+    overhead = {}
     for kk in ks:
         tps, off_texts = offline(engine, tok, args, kk, n1)
         server_tps = next(r["tok_s"] for r in rows if r["concurrency"] == 1 and r["k"] == kk)
@@ -262,23 +314,33 @@ def main(argv=None) -> int:
         for r in rows:
             if r["k"] == kk:
                 r["same_text_as_offline"] = sum(off_texts.get(p) == t for p, t in texts[(r["concurrency"], kk)])
-    header = (f"minimtp bench serve: {model} ({weights_dtype(engine.target)}, assistant "
-              f"{weights_dtype(engine.assistant)}), {'reference Engine' if args.reference else 'FastEngine'}, "
-              f"{args.threads} thread(s), greedy, {args.max_tokens} tokens per request (ignore_eos), code prompts, "
-              f"streaming /v1/completions")  # fmt: skip
-    md = markdown(rows, header)
-    md += "\n\nServer overhead at concurrency 1 (the same prompts through `Engine.generate`, same pair): " + (
-        "; ".join(f"{'assistant (k=' + str(kk) + ')' if kk else 'no assistant'}: server {o['server_tok_s']:.1f} "
-                  f"tok/s vs offline {o['offline_tok_s']:.1f} tok/s = **{o['ratio']:.2f}x**"
-                  for kk, o in overhead.items()))  # fmt: skip
-    md += "\n\nGreedy texts equal to offline `Engine.generate`: " + ", ".join(
-        f"c={r['concurrency']}{'' if r['k'] else ' plain'} {r['same_text_as_offline']}/{r['requests']}" for r in rows
+    header = (
+        f"minimtp bench serve: {model} ({weights_dtype(engine.target)}, assistant "
+        f"{weights_dtype(engine.assistant)}), {'reference Engine' if args.reference else 'FastEngine'}, "
+        f"{args.threads} thread(s), greedy, {args.max_tokens} tokens per request (ignore_eos), code prompts, "
+        f"streaming /v1/completions"
     )
+    md = markdown(rows, header)
+    parts = []
+    for kk, o in overhead.items():
+        name = f"assistant (k={kk})" if kk else "no assistant"
+        parts.append(
+            f"{name}: server {o['server_tok_s']:.1f} tok/s vs offline {o['offline_tok_s']:.1f} tok/s = "
+            f"**{o['ratio']:.2f}x**"
+        )
+    md += "\n\nServer overhead at concurrency 1 (the same prompts through `Engine.generate`, same pair): "
+    md += "; ".join(parts)
+    same = []
+    for r in rows:
+        plain = "" if r["k"] else " plain"
+        same.append(f"c={r['concurrency']}{plain} {r['same_text_as_offline']}/{r['requests']}")
+    md += "\n\nGreedy texts equal to offline `Engine.generate`: " + ", ".join(same)
     os.makedirs(args.out, exist_ok=True)
     report = {"rows": rows, "overhead": {str(kk): o for kk, o in overhead.items()}, "k": k, "args": vars(args)}
-    for name, text in (("serve.md", md + "\n"), ("serve.json", json.dumps(report, indent=1))):
-        with open(os.path.join(args.out, name), "w") as f:
-            f.write(text)
+    with open(os.path.join(args.out, "serve.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, "serve.json"), "w") as f:
+        json.dump(report, f, indent=1)
     plot(rows, os.path.join(args.out, "serve.png"))
     print(md)
     print(f"\nwrote {args.out}/serve.md, serve.json, serve.png")

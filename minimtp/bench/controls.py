@@ -17,6 +17,14 @@ import os
 import sys
 import time
 
+import torch
+
+import minimtp.engine as engine_mod
+from minimtp.bench.timing import load_bench_pair, median_ms, top_p_ms
+from minimtp.controls import Penalties, apply_penalties
+from minimtp.errors import MinimtpError
+from minimtp.sampling import SamplingParams, process_logits
+
 CONTROLS = {
     "none": {},
     "repetition 1.3": dict(repetition_penalty=1.3),
@@ -44,9 +52,11 @@ RECORD = {  # the shape of the bench's JSON prompt
 }
 
 
-def _timed_controls(engine_mod):
-    """Wrap the engine's `_controlled` to add up its wall time (restored by the caller)."""
-    real, spent = engine_mod._controlled, [0.0]
+def _timed_controls():
+    """Wrap the engine's ``_controlled`` to add up its wall time: (the real function, for the caller to restore,
+    and a one-element list holding the seconds spent in it)."""
+    real = engine_mod._controlled
+    spent = [0.0]
 
     def timed(*a, **kw):
         t0 = time.perf_counter()
@@ -59,12 +69,12 @@ def _timed_controls(engine_mod):
 
 
 def run_controls(engine, tok, args) -> list[dict]:
-    import minimtp.engine as engine_mod
-
+    """One row per (control, k in {0, args.k}) on the code prompts: median tok/s, decode ms per token, of which
+    the controls' share, acceptance."""
     enc = [tok(p)["input_ids"] for p in CODE]
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     rows = []
-    real, spent = _timed_controls(engine_mod)
+    real, spent = _timed_controls()
     try:
         for name, kw in CONTROLS.items():
             for k in (0, args.k):
@@ -72,7 +82,8 @@ def run_controls(engine, tok, args) -> list[dict]:
                 ends = {} if "regex" in kw or "json_schema" in kw else {"stop_token_ids": []}
                 call = dict(num_speculative_tokens=max(k, 1), use_assistant=k > 0, **gen, **kw, **ends)
                 engine.generate(enc[:1], **call)  # warm-up
-                stats, ctl_s = [], 0.0
+                stats = []
+                ctl_s = 0.0
                 for _ in range(args.repeats):
                     for ids in enc:
                         spent[0] = 0.0
@@ -81,10 +92,19 @@ def run_controls(engine, tok, args) -> list[dict]:
                 toks = sum(s.generated_tokens for s in stats)
                 tps = sorted(s.tokens_per_second for s in stats)[len(stats) // 2]
                 decode_s = sum(s.elapsed_s - s.ttft_s for s in stats) / max(1, toks - len(stats))
-                drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
-                acc = accepted / drafted if drafted else None
-                row = dict(control=name, k=k, tps=tps, ms_per_token=1e3 * decode_s, acceptance=acc, tokens=toks)
-                rows.append(row | {"controls_ms_per_token": 1e3 * ctl_s / max(toks, 1)})
+                drafted = sum(s.drafted for s in stats)
+                accepted = sum(s.accepted for s in stats)
+                rows.append(
+                    dict(
+                        control=name,
+                        k=k,
+                        tps=tps,
+                        ms_per_token=1e3 * decode_s,
+                        acceptance=accepted / drafted if drafted else None,
+                        tokens=toks,
+                        controls_ms_per_token=1e3 * ctl_s / max(toks, 1),
+                    )
+                )
     finally:
         engine_mod._controlled = real
     return rows
@@ -101,24 +121,23 @@ def json_acceptance(engine, tok, args) -> list[dict]:
     )
     for name, kw in cases:
         call = dict(max_new_tokens=args.max_new_tokens, num_speculative_tokens=args.k, **kw)
-        st = [engine.generate([ids], **call).stats for _ in range(args.repeats) for ids in enc]
-        d, a = sum(s.drafted for s in st), sum(s.accepted for s in st)
-        mal = 1 + a / max(1, sum(s.draft_rounds for s in st))
-        out.append(dict(control=name, acceptance=a / d if d else 0.0, mean_acceptance_length=mal))
+        stats = []
+        for _ in range(args.repeats):
+            for ids in enc:
+                stats.append(engine.generate([ids], **call).stats)
+        drafted = sum(s.drafted for s in stats)
+        accepted = sum(s.accepted for s in stats)
+        mal = 1 + accepted / max(1, sum(s.draft_rounds for s in stats))
+        out.append(dict(control=name, acceptance=accepted / drafted if drafted else 0.0, mean_acceptance_length=mal))
     return out
 
 
 def real_vocab_ms(reps: int = 7, V: int = 262_144, history: int = 1000) -> dict:
     """ms per row at Gemma's vocabulary: top-p 0.95 alone (reference / twin), penalties, applying a mask."""
-    import torch
-
-    from minimtp.bench import median_ms, top_p_ms
-    from minimtp.controls import Penalties, apply_penalties
-    from minimtp.sampling import SamplingParams, process_logits
-
     g = torch.Generator().manual_seed(0)
     x = 8 * torch.randn(V, generator=g)
-    prompt, gen = torch.randint(0, V, (history,), generator=g), torch.randint(0, V, (history,), generator=g)
+    prompt = torch.randint(0, V, (history,), generator=g)
+    generated = torch.randint(0, V, (history,), generator=g)
     pen = Penalties(1.3, 0.5, 0.5)
     mask = torch.rand(V, generator=g) < 0.01
     ref, fast = top_p_ms(V, rows=1, peaked=True, reps=reps)
@@ -129,14 +148,38 @@ def real_vocab_ms(reps: int = 7, V: int = 262_144, history: int = 1000) -> dict:
             lambda: process_logits(x[None], SamplingParams(1.0, 64, 0.95)), reps
         ),
         f"penalties over {history} prompt + {history} generated tokens": median_ms(
-            lambda: apply_penalties(x, prompt, gen, pen), reps
+            lambda: apply_penalties(x, prompt, generated, pen), reps
         ),
         "grammar mask applied (masked_fill)": median_ms(lambda: x.masked_fill(~mask, float("-inf")), reps),
     }
 
 
-def main(argv=None) -> int:
+def markdown(rows: list[dict], js: list[dict], real: dict, args) -> str:
+    """The three tables: per control, the JSON prompts' acceptance, the per-row costs at V = 262,144."""
+    engine_name = "reference Engine" if args.reference else "FastEngine"
+    md = [
+        f"controls, {args.threads} thread(s), T={args.temperature}, {args.max_new_tokens} new tokens, "
+        f"median over {args.repeats} repeats of {len(CODE)} prompts, {engine_name}",
+        "",
+        "| control | k | tokens | tok/s | decode ms/token | of which controls | acceptance |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "–"
+        md.append(
+            f"| {r['control']} | {r['k']} | {r['tokens']} | {r['tps']:.1f} | {r['ms_per_token']:.2f} | "
+            f"{r['controls_ms_per_token']:.3f} | {acc} |"
+        )
+    md += ["", "| JSON prompts | acceptance | mean acceptance length |", "|---|---|---|"]
+    for r in js:
+        md.append(f"| {r['control']} | {r['acceptance']:.3f} | {r['mean_acceptance_length']:.2f} |")
+    md += ["", "| at V = 262,144 (one row) | ms |", "|---|---|"]
+    for name, ms in real.items():
+        md.append(f"| {name} | {ms:.2f} |")
+    return "\n".join(md)
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimtp.bench controls", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--assistant", default=None)
@@ -151,41 +194,25 @@ def main(argv=None) -> int:
     p.add_argument("--reference", action="store_true")
     p.add_argument("--attention", choices=["torch", "triton"], default="torch")
     p.add_argument("--out", default="bench_results")
-    args = p.parse_args(argv)
+    return p
 
-    from minimtp.bench import load_bench_pair
-    from minimtp.errors import MinimtpError
 
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         _, _, tok, (_, _, engine) = load_bench_pair(args)
         engine._tokenizer = tok
-        rows, js, real = run_controls(engine, tok, args), json_acceptance(engine, tok, args), real_vocab_ms()
+        rows = run_controls(engine, tok, args)
+        js = json_acceptance(engine, tok, args)
+        real = real_vocab_ms()
     except MinimtpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine_name = "reference Engine" if args.reference else "FastEngine"
-    md = [
-        f"controls, {args.threads} thread(s), T={args.temperature}, {args.max_new_tokens} new tokens, "
-        f"median over {args.repeats} repeats of {len(CODE)} prompts, {engine_name}",
-        "",
-        "| control | k | tokens | tok/s | decode ms/token | of which controls | acceptance |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "–"
-        cells = [r["control"], r["k"], r["tokens"], f"{r['tps']:.1f}", f"{r['ms_per_token']:.2f}"]
-        md.append("| " + " | ".join(map(str, cells + [f"{r['controls_ms_per_token']:.3f}", acc])) + " |")
-    md += ["", "| JSON prompts | acceptance | mean acceptance length |", "|---|---|---|"]
-    md += [f"| {r['control']} | {r['acceptance']:.3f} | {r['mean_acceptance_length']:.2f} |" for r in js]
-    md += ["", "| at V = 262,144 (one row) | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in real.items()]
+    md = markdown(rows, js, real, args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "controls.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+        f.write(md + "\n")
     with open(os.path.join(args.out, "controls.json"), "w") as f:
         json.dump({"rows": rows, "json": js, "real_vocab_ms": real, "args": vars(args)}, f, indent=1)
-    print("\n".join(md))
+    print(md)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,21 +14,19 @@ and a refined one that also uses the measured verify cost: E[tokens/round] · t_
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
 import sys
 import time
 
-# python -m minimtp.bench NAME ...: the other benchmarks, one module each
-SUBCOMMANDS = {
-    "controls": "minimtp.bench_controls",  # the cost of each decoding control
-    "serve": "minimtp.bench_serve",  # the server's throughput and latency by concurrency
-    "realsize": "minimtp.bench_realsize",  # random-weight checkpoints of the real sizes (and their sizes on paper)
-    "compare": "minimtp.bench_compare",  # minimtp and transformers side by side on one checkpoint
-    "longctx": "minimtp.bench_longctx",  # plain and speculative per-token cost by context length
-}
+import torch
+
+from minimtp.bench.timing import load_bench_pair
+from minimtp.errors import MinimtpError
+from minimtp.fast import weights_dtype
+from minimtp.hf_compat import patch_transformers
+
 PROMPTS = {
     "code": [
         "def fibonacci(n):\n",
@@ -42,6 +40,7 @@ PROMPTS = {
 
 
 def _median(xs):
+    """The median of ``xs``, NaN if empty."""
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -55,7 +54,8 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
 def alpha_from_acceptance_length(mal: float, k: int) -> float:
     """The per-token acceptance α of the i.i.d. model whose expected tokens per round (1−α^(k+1))/(1−α) equals
     the measured mean acceptance length (bisection; accepted/drafted is (α+…+α^k)/k, not α)."""
-    lo, hi = 0.0, 1.0
+    lo = 0.0
+    hi = 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
         if sum(mid**j for j in range(k + 1)) < mal:
@@ -66,6 +66,8 @@ def alpha_from_acceptance_length(mal: float, k: int) -> float:
 
 
 def run_minimtp(engine, tok, prompts: dict, ks: list[int], args) -> dict:
+    """The stats of every generation: {prompt kind: {k: [Stats]}}, k = 0 being plain decoding. Every (kind, k) is
+    warmed up first; the repeats interleave the kinds and the draft lengths."""
     enc = {kind: [tok(p)["input_ids"] for p in ps] for kind, ps in prompts.items()}
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, stop_token_ids=[])
     configs = [0] + ks
@@ -83,6 +85,8 @@ def run_minimtp(engine, tok, prompts: dict, ks: list[int], args) -> dict:
 
 
 def summarize(res: dict, ks: list[int]) -> list[dict]:
+    """One row per (prompt kind, k): measured tok/s and speedup, acceptance, the costs c, t_target, t_draft and
+    t_verify, and the two predicted speedups (module docstring)."""
     rows = []
     for kind, by_k in res.items():
         plain = by_k[0]
@@ -90,7 +94,8 @@ def summarize(res: dict, ks: list[int]) -> list[dict]:
         t_target = sum(s.verify_s for s in plain) / max(1, sum(s.target_steps for s in plain))
         for k in ks:
             st = by_k[k]
-            drafted, accepted = sum(s.drafted for s in st), sum(s.accepted for s in st)
+            drafted = sum(s.drafted for s in st)
+            accepted = sum(s.accepted for s in st)
             rounds = sum(s.draft_rounds for s in st)
             alpha = accepted / drafted if drafted else 0.0
             t_draft = sum(s.draft_s for s in st) / max(1, drafted)
@@ -98,6 +103,7 @@ def summarize(res: dict, ks: list[int]) -> list[dict]:
             mal = 1 + accepted / rounds if rounds else 1.0
             tps = _median([s.tokens_per_second for s in st])
             c = t_draft / t_target if t_target else float("nan")
+            alpha_iid = alpha_from_acceptance_length(mal, k)
             pos = [0.0] * k
             for j in range(k):
                 d = sum(s.drafted_per_position[j] for s in st if len(s.drafted_per_position) > j)
@@ -116,8 +122,8 @@ def summarize(res: dict, ks: list[int]) -> list[dict]:
                     t_target_ms=1e3 * t_target,
                     t_draft_ms=1e3 * t_draft,
                     t_verify_ms=1e3 * t_verify,
-                    alpha_iid=alpha_from_acceptance_length(mal, k),
-                    predicted_leviathan=predicted_speedup(alpha_from_acceptance_length(mal, k), k, c),
+                    alpha_iid=alpha_iid,
+                    predicted_leviathan=predicted_speedup(alpha_iid, k, c),
                     predicted_measured_costs=mal * t_target / (k * t_draft + t_verify) if t_verify else float("nan"),
                     per_position=pos,
                 )
@@ -126,6 +132,7 @@ def summarize(res: dict, ks: list[int]) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
+    """The table of ``summarize``'s rows under ``header``."""
     out = [
         header,
         "",
@@ -143,7 +150,9 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def plots(rows: list[dict], out_dir: str) -> list[str]:
-    import matplotlib
+    """speedup_vs_k.png (measured and predicted, per prompt kind) and acceptance_by_position.png (at the largest
+    k) in ``out_dir``; returns their paths."""
+    import matplotlib  # an optional extra (pip install minimtp[plots])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -180,11 +189,10 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def compare_transformers(model_dir, asst_dir, tok, args, dtype) -> dict:
-    """The same checkpoint through transformers' generate, plain and with assistant_model (kv-sharing fix applied)."""
-    import torch
+    """The same checkpoint through transformers' generate, plain and with assistant_model (kv-sharing fix applied):
+    median tok/s on the code prompts, {"plain": ..., "assisted": ...}."""
+    # the model classes take seconds to import, and only --compare-transformers needs them
     from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
-
-    from minimtp.hf_compat import patch_transformers
 
     patch_transformers()
     t = Gemma4ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -209,126 +217,7 @@ def compare_transformers(model_dir, asst_dir, tok, args, dtype) -> dict:
     return {k: _median(v) for k, v in out.items()}
 
 
-def median_ms(fn, reps: int) -> float:
-    """Median wall time of ``fn()`` over ``reps`` calls, in milliseconds."""
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
-def prefilled_cache(target, past: int, room: int, attention_backend: str = "torch", seed: int = 0):
-    """A one-sequence paged KV cache (sequence 0) holding ``past`` random tokens run through ``target``, with room
-    for ``room`` more. Returns ``(cache, forward, ids, hidden)``: ``forward(start, count)`` runs ``ids[start:
-    start + count]`` at those positions over the cache (logits for every row, as a verify step), ``ids`` holds
-    ``past + room`` random token ids, ``hidden`` is the target's hidden state at ``past - 1``."""
-    import torch
-
-    from minimtp.attention import PagedContext, get_attention_backend
-    from minimtp.kv_cache import KVCache
-
-    cfg, w = target.config, target.model.embed_tokens.weight
-    block = 16
-    blocks = -(-(past + room) // block) + 1
-    cache = KVCache(cfg, {t: blocks for t in set(cfg.layer_types)}, block, None, w.dtype, w.device)
-    cache.add(0)
-    attend = get_attention_backend(attention_backend)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (past + room,), generator=gen).to(w.device)
-
-    def forward(start: int, count: int):
-        cache.reserve(0, start + count)
-        ctx = PagedContext(cache, attend, [0], [start], [count])
-        pos = torch.arange(start, start + count, device=w.device)
-        return target.run(ids[start : start + count], pos, ctx, logit_rows="all")
-
-    with torch.inference_mode():
-        hidden = forward(0, past).hidden[-1:]
-    return cache, forward, ids, hidden
-
-
-def target_forward_ms(target, past=256, ks=(1, 2, 3, 5), reps=30, rounds=3, warmup=10, **kw) -> dict:
-    """Median latency (ms) of a k-token forward of ``target`` over a paged cache of ``past`` tokens (logits for all
-    k rows, as the verify step of a round), for each k in ``ks``. Every shape is warmed up first (oneDNN builds
-    primitives per shape) and the shapes are interleaved over ``rounds`` against drift; ``kw``: attention_backend."""
-    import torch
-
-    cache, forward, _, _ = prefilled_cache(target, past, max(ks), **kw)
-
-    def step(k):
-        forward(past, k)
-        cache.truncate(0, past)
-
-    res = {k: [] for k in ks}
-    with torch.inference_mode():
-        for k in ks:
-            for _ in range(warmup):
-                step(k)
-        for _ in range(rounds):
-            for k in ks:
-                res[k].append(median_ms(lambda k=k: step(k), reps))
-    return {k: statistics.median(v) for k, v in res.items()}
-
-
-def assistant_step_ms(target, assistant, past: int = 256, reps: int = 50, rounds: int = 3, **kw) -> float:
-    """Median latency (ms) of one drafting step of ``assistant`` (its forward and the argmax) at position
-    ``past`` over ``target``'s paged cache of ``past`` tokens, as in a round of the engine; ``kw``:
-    attention_backend."""
-    import torch
-
-    from minimtp.attention import DraftPagedContext, get_attention_backend
-
-    cache, _, ids, hidden = prefilled_cache(target, past, 1, **kw)
-    attend = get_attention_backend(kw.get("attention_backend", "torch"))
-    ctx = DraftPagedContext(cache, assistant.config.text, attend, [0], [past])
-    pos = torch.tensor([past], device=hidden.device)
-
-    def step():
-        logits, _ = assistant.step(target.embed(ids[past : past + 1]), hidden, pos, ctx)
-        logits.float().argmax(-1)
-
-    with torch.inference_mode():
-        for _ in range(20):
-            step()
-        return statistics.median(median_ms(step, reps) for _ in range(rounds))
-
-
-def top_p_ms(V: int = 262_144, rows: int = 1, peaked: bool = True, reps: int = 7) -> tuple[float, float]:
-    """Milliseconds per row of ``process_logits`` at T = 1, top-p 0.95 alone, on ``rows`` random float32 logit rows
-    (8·randn, a small nucleus, if ``peaked``; else 3·randn): (reference, fast twin), median of ``reps`` each."""
-    import torch
-
-    from minimtp.fast.top_p import process_logits as fast_process_logits
-    from minimtp.sampling import SamplingParams, process_logits
-
-    x = (8.0 if peaked else 3.0) * torch.randn(rows, V, generator=torch.Generator().manual_seed(0))
-    params = SamplingParams(1.0, top_p=0.95)
-    return tuple(median_ms(lambda f=f: f(x, params), reps) / rows for f in (process_logits, fast_process_logits))
-
-
-def load_bench_pair(args):
-    """(model dir, assistant dir, tokenizer, (target, assistant, engine)) as the shared flags ask, after setting the
-    thread count; the embedded pair without --model. Raises MinimtpError (one line)."""
-    import torch
-
-    from minimtp.errors import ConfigError
-    from minimtp.generate import DEFAULT_DIR, load_pair, load_tokenizer
-
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
-    model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
-    asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
-    if asst_dir is None:
-        raise ConfigError("--assistant DIR is required with --model")
-    return model_dir, asst_dir, load_tokenizer(model_dir), load_pair(model_dir, asst_dir, args)
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in SUBCOMMANDS:  # python -m minimtp.bench controls|serve|realsize|longctx ...
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimtp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--assistant", default=None)
@@ -345,13 +234,11 @@ def main(argv=None) -> int:
     p.add_argument("--reference", action="store_true", help="the pure reference Engine (no CPU fast path)")
     p.add_argument("--out", default="bench_results", help="directory for bench.md, bench.json and the plots")
     p.add_argument("--compare-transformers", action="store_true")
-    args = p.parse_args(argv)
+    return p
 
-    import torch
 
-    from minimtp.errors import MinimtpError
-    from minimtp.fast import weights_dtype
-
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         model_dir, asst_dir, tok, (target, _, engine) = load_bench_pair(args)
         dtype = weights_dtype(target)  # what --dtype resolved to
@@ -378,12 +265,13 @@ def main(argv=None) -> int:
         tf = compare_transformers(model_dir, asst_dir, tok, args, getattr(torch, dtype))
         code = [r for r in rows if r["prompt"] == "code"] or rows
         best = max(code, key=lambda r: r["spec_tps"])
+        assisted = tf.get("assisted", float("nan"))
         report["transformers"] = tf
         md += (
             f"\n\ntransformers generate on the code prompts: plain {tf['plain']:.1f} tok/s, assisted "
-            f"{tf.get('assisted', float('nan')):.1f} tok/s. minimtp (k={best['k']}): {best['spec_tps']:.1f} tok/s = "
+            f"{assisted:.1f} tok/s. minimtp (k={best['k']}): {best['spec_tps']:.1f} tok/s = "
             f"**{best['spec_tps'] / tf['plain']:.2f}×** transformers plain, "
-            f"**{best['spec_tps'] / tf.get('assisted', float('nan')):.2f}×** transformers assisted."
+            f"**{best['spec_tps'] / assisted:.2f}×** transformers assisted."
         )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
@@ -394,7 +282,3 @@ def main(argv=None) -> int:
     print(md)
     print(f"\nwrote {args.out}/bench.md, bench.json, " + ", ".join(os.path.basename(x) for x in pngs))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

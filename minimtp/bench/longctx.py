@@ -26,6 +26,16 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
+from minimtp import Engine, load_assistant, load_target
+from minimtp.errors import MinimtpError
+from minimtp.fast import FastEngine
+from minimtp.generate import DEFAULT_DIR, load_tokenizer
+
+PACKAGE = Path(__file__).resolve().parents[1]  # minimtp/: its source files make the long prompts
+TAIL = 256  # every prompt ends with the same tokens, so acceptance compares like with like
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimtp.bench longctx", description=__doc__.split("\n\n")[0])
@@ -49,15 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-TAIL = 256  # every prompt ends with the same tokens, so acceptance compares like with like
-
-
 def long_prompt(tok, n: int) -> list[int]:
     """n tokens ending with the same TAIL tokens (the start of minimtp/engine.py), after n - TAIL tokens of the other
     source files of minimtp (repeated if they are shorter)."""
-    root = Path(__file__).parent
-    tail = tok((root / "engine.py").read_text(encoding="utf-8"), verbose=False)["input_ids"][:TAIL]
-    text = "".join(p.read_text(encoding="utf-8") for p in sorted(root.glob("**/*.py")) if p.name != "engine.py")
+    tail = tok((PACKAGE / "engine.py").read_text(encoding="utf-8"), verbose=False)["input_ids"][:TAIL]
+    sources = [p for p in sorted(PACKAGE.glob("**/*.py")) if p.name != "engine.py"]
+    text = "".join(p.read_text(encoding="utf-8") for p in sources)
     ids = tok(text, verbose=False)["input_ids"]
     head = (ids * (n // len(ids) + 1))[: max(0, n - TAIL)]
     return head + tail[len(tail) - min(n, TAIL) :]
@@ -83,10 +90,18 @@ def measure(engine, prompt: list[int], k: int, new: int, repeats: int) -> dict:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| engine | context | plain ms/token | spec ms/token | spec / plain | τ | draft ms/round | "
-             "verify ms/round | plain step ms | prefill s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The table of the rows under ``header``, and per engine the growth per 1,000 tokens of context from the first
+    context length to the last (none with one length)."""
+    lines = [
+        header,
+        "",
+        "| engine | context | plain ms/token | spec ms/token | spec / plain | τ | draft ms/round | "
+        "verify ms/round | plain step ms | prefill s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        p, s = r["plain"], r["spec"]
+        p = r["plain"]
+        s = r["spec"]
         lines.append(
             f"| {r['engine']} | {r['context']:,} | {p['ms_per_token']:.2f} | {s['ms_per_token']:.2f} | "
             f"{s['ms_per_token'] / p['ms_per_token']:.2f} | {s['tau']:.2f} | {s['draft_ms_per_round']:.2f} | "
@@ -94,18 +109,20 @@ def markdown(rows: list[dict], header: str) -> str:
         )
     for eng in dict.fromkeys(r["engine"] for r in rows):
         rs = [r for r in rows if r["engine"] == eng]
-        a, b = rs[0], rs[-1]
-        dn = (b["context"] - a["context"]) / 1000
+        first = rs[0]
+        last = rs[-1]
+        dn = (last["context"] - first["context"]) / 1000
         if dn <= 0:
             continue  # one context length: no slope
-        sp = (b["plain"]["ms_per_token"] - a["plain"]["ms_per_token"]) / dn
-        ss = (b["spec"]["ms_per_token"] - a["spec"]["ms_per_token"]) / dn
+        sp = (last["plain"]["ms_per_token"] - first["plain"]["ms_per_token"]) / dn
+        ss = (last["spec"]["ms_per_token"] - first["spec"]["ms_per_token"]) / dn
         lines.append(f"\n{eng}: per 1,000 tokens of context, plain {sp:+.2f} ms/token, speculative {ss:+.2f} ms/token")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    """longctx.png: plain and speculative decode ms/token against context, per engine."""
+    import matplotlib  # an optional extra (pip install minimtp[plots])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,44 +142,44 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run(args, model_dir: str, asst_dir: str) -> list[dict]:
+    """One row per (engine, context length): the plain and the speculative ``measure``. Raises MinimtpError."""
+    contexts = [int(x) for x in args.contexts.split(",")]
+    if max(contexts) + args.new_tokens + args.k + 2 > args.max_positions:
+        raise MinimtpError(f"--contexts up to {max(contexts)} need --max-positions > {args.max_positions}")
+    tok = load_tokenizer(args.tokenizer or model_dir)
+    rows = []
+    for eng in args.engines.split(","):
+        if eng not in ("reference", "fast"):
+            raise MinimtpError(f"--engines: {eng!r}, expected 'reference' and/or 'fast'")
+        target = load_target(model_dir, dtype=args.dtype)  # fresh models: the fast path rewrites them
+        target.config = dataclasses.replace(target.config, max_position_embeddings=args.max_positions)
+        assistant = load_assistant(asst_dir, target, dtype=args.dtype)
+        make = Engine if eng == "reference" else FastEngine
+        plain_engine = make(target)
+        spec_engine = make(target, assistant)
+        for e in (plain_engine, spec_engine):  # warm-up
+            e.generate([long_prompt(tok, 300)], 16)
+        for n in contexts:
+            prompt = long_prompt(tok, n)
+            row = dict(engine=eng, context=n)
+            row["plain"] = measure(plain_engine, prompt, 0, args.new_tokens, args.repeats)
+            row["spec"] = measure(spec_engine, prompt, args.k, args.new_tokens, args.repeats)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
-    from minimtp import Engine, load_assistant, load_target
-    from minimtp.errors import MinimtpError
-    from minimtp.fast import FastEngine
-    from minimtp.generate import DEFAULT_DIR, load_tokenizer
-
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
+    model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
+    asst_dir = args.assistant or os.path.join(DEFAULT_DIR, "assistant")
     try:
-        model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
-        asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
-        if asst_dir is None:
+        if args.model and not args.assistant:
             raise MinimtpError("--assistant DIR is required with --model")
-        contexts = [int(x) for x in args.contexts.split(",")]
-        if max(contexts) + args.new_tokens + args.k + 2 > args.max_positions:
-            raise MinimtpError(f"--contexts up to {max(contexts)} need --max-positions > {args.max_positions}")
-        tok = load_tokenizer(args.tokenizer or model_dir)
-        rows = []
-        for eng in args.engines.split(","):
-            if eng not in ("reference", "fast"):
-                raise MinimtpError(f"--engines: {eng!r}, expected 'reference' and/or 'fast'")
-            target = load_target(model_dir, dtype=args.dtype)  # fresh models: the fast path rewrites them
-            target.config = dataclasses.replace(target.config, max_position_embeddings=args.max_positions)
-            assistant = load_assistant(asst_dir, target, dtype=args.dtype)
-            make = Engine if eng == "reference" else FastEngine
-            plain_engine, spec_engine = make(target), make(target, assistant)
-            for e in (plain_engine, spec_engine):  # warm-up
-                e.generate([long_prompt(tok, 300)], 16)
-            for n in contexts:
-                prompt = long_prompt(tok, n)
-                row = dict(engine=eng, context=n)
-                row["plain"] = measure(plain_engine, prompt, 0, args.new_tokens, args.repeats)
-                row["spec"] = measure(spec_engine, prompt, args.k, args.new_tokens, args.repeats)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+        rows = run(args, model_dir, asst_dir)
     except MinimtpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,12 +19,27 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from minimtp import Engine, load_assistant, load_target
+from minimtp.bench.speedup import alpha_from_acceptance_length, predicted_speedup
+from minimtp.bench.timing import assistant_step_ms, target_forward_ms
+from minimtp.checkpoint import read_json
+from minimtp.errors import ConfigError
+from minimtp.fast import FastEngine
+
 # Published mean acceptance lengths of Gemma 4 MTP drafters: (where, k, acceptance length or rate)
 PUBLISHED = [
     ("vLLM, 31B + assistant, coding, T = 1 (vllm-project/vllm#41745)", 7, "length", 5.37),
     ("llama.cpp, 31B + assistant, per-task low (ggml-org/llama.cpp#23398)", 4, "rate", 0.66),
     ("llama.cpp, 31B + assistant, per-task high (ggml-org/llama.cpp#23398)", 4, "rate", 0.89),
 ]
+# config.json's model_type -> the transformers class that reads the checkpoint (else Gemma4ForCausalLM)
+TRANSFORMERS_CLASSES = {
+    "gemma4": "Gemma4ForConditionalGeneration",
+    "gemma4_unified": "Gemma4UnifiedForConditionalGeneration",
+    "gemma4_unified_text": "Gemma4UnifiedForCausalLM",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +65,7 @@ def peak_rss_gb() -> float:
 
 
 def bandwidth_gbs(gb: float = 2.0) -> float:
-    """Read bandwidth: median of 5 ``x.sum()`` over a ``gb`` GB float32 tensor."""
-    import torch
-
+    """Read bandwidth: median of 5 ``x.sum()`` over a ``gb`` GB float32 tensor (after one warm-up)."""
     x = torch.ones(int(gb * 1e9 / 4))
     ts = []
     for _ in range(6):
@@ -66,25 +79,22 @@ def decode_bytes(target) -> tuple[float, float]:
     """(bytes of all target weights, bytes a decode step reads: all but the embedding tables, plus the tied head)."""
     total = sum(p.numel() * p.element_size() for p in target.state_dict().values())
     m = target.model
-    tables = [m.embed_tokens.weight] + (
-        [m.embed_tokens_per_layer.weight] if hasattr(m, "embed_tokens_per_layer") else []
-    )
+    tables = [m.embed_tokens.weight]
+    if hasattr(m, "embed_tokens_per_layer"):
+        tables.append(m.embed_tokens_per_layer.weight)
     step = total - sum(t.numel() * t.element_size() for t in tables)
     step += m.embed_tokens.weight.numel() * m.embed_tokens.weight.element_size()  # the head (tied or its own)
     return total, step
 
 
 def prompt_ids(n: int, vocab: int) -> list[int]:
-    import torch
-
+    """``n`` seeded random token ids below min(vocab, 200,000): the same prompt on both sides."""
     return torch.randint(10, min(vocab, 200_000), (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def child_minimtp(args) -> dict:
-    from minimtp import Engine, load_assistant, load_target
-    from minimtp.bench import alpha_from_acceptance_length, assistant_step_ms, predicted_speedup, target_forward_ms
-    from minimtp.fast import FastEngine
-
+    """The minimtp side (in its own process): load time, RSS, prefill, plain and sampling tok/s, the verify cost of
+    k + 1 tokens, and with an assistant its cost ratio c and the speedups predicted at the published acceptance."""
     t0 = time.perf_counter()
     target = load_target(args.model, dtype=args.dtype)
     assistant = load_assistant(args.assistant, target, dtype=args.dtype) if args.assistant else None
@@ -92,8 +102,9 @@ def child_minimtp(args) -> dict:
     make(target, assistant)  # the fast path rewrites both models here
     plain = make(target)
     res = dict(side="minimtp", load_s=time.perf_counter() - t0, rss_after_load_gb=peak_rss_gb())
-    res["weights_gb"], step_bytes = (x / 1e9 for x in decode_bytes(target))
-    res["decode_read_gb"] = step_bytes
+    weight_bytes, step_bytes = decode_bytes(target)
+    res["weights_gb"] = weight_bytes / 1e9
+    res["decode_read_gb"] = step_bytes / 1e9
     prompt = prompt_ids(args.prompt_tokens, target.config.vocab_size)
     plain.generate([prompt[:8]], 2)  # warm-up
     st = plain.generate([prompt], args.new_tokens, stop_token_ids=[]).stats
@@ -122,14 +133,11 @@ def child_minimtp(args) -> dict:
 
 
 def child_transformers(args) -> dict:
-    import torch
-    import transformers
-
-    from minimtp.checkpoint import read_json
+    """The transformers side (in its own process): load time, RSS, prefill and plain greedy tok/s."""
+    import transformers  # seconds to import; only this child needs it
 
     kind = read_json(os.path.join(args.model, "config.json"), "config.json").get("model_type")
-    cls = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_unified": "Gemma4UnifiedForConditionalGeneration",
-           "gemma4_unified_text": "Gemma4UnifiedForCausalLM"}.get(kind, "Gemma4ForCausalLM")  # fmt: skip
+    cls = TRANSFORMERS_CLASSES.get(kind, "Gemma4ForCausalLM")
     t0 = time.perf_counter()
     model = getattr(transformers, cls).from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     res = dict(side="transformers", cls=cls, load_s=time.perf_counter() - t0, rss_after_load_gb=peak_rss_gb())
@@ -137,7 +145,7 @@ def child_transformers(args) -> dict:
     vocab = model.config.get_text_config().vocab_size
     ids = torch.tensor([prompt_ids(args.prompt_tokens, vocab)])
 
-    class Clock(transformers.StoppingCriteria):
+    class Clock(transformers.StoppingCriteria):  # defined here: its base class comes with the local import
         """Called by generate after every token: its times give prefill and decode within one call."""
 
         def __init__(self):
@@ -148,10 +156,17 @@ def child_transformers(args) -> dict:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     def timed(n: int) -> tuple[float, list[float]]:
-        clock, t = Clock(), time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                       min_new_tokens=n, stopping_criteria=transformers.StoppingCriteriaList([clock]))  # fmt: skip
-        return t, clock.times
+        clock = Clock()
+        start = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            stopping_criteria=transformers.StoppingCriteriaList([clock]),
+        )
+        return start, clock.times
 
     with torch.inference_mode():
         timed(2)  # warm-up
@@ -163,24 +178,39 @@ def child_transformers(args) -> dict:
 
 
 def markdown(rows: dict, args, bw: float) -> str:
-    m, t = rows.get("minimtp"), rows.get("transformers")
+    """The side-by-side table, the roofline, sampling and verify costs, and the predicted speedups."""
+    m = rows.get("minimtp")
+    t = rows.get("transformers")
     head = (
         f"`python -m minimtp.bench compare --model {args.model}` ({args.dtype}, {args.threads} thread(s), "
         f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; read bandwidth {bw:.1f} GB/s)"
     )
     lines = [head, "", "| | minimtp | transformers | ratio |", "|---|---|---|---|"]
-    table = [("load_s", "load (s)"), ("peak_rss_gb", "peak RSS (GB)"), ("prefill_s", "prefill (s)")]
-    for key, name in table + [("plain_tok_s", "plain decode (tok/s)")]:
-        a, b = (r.get(key) if r else None for r in (m, t))
+    table = [
+        ("load_s", "load (s)"),
+        ("peak_rss_gb", "peak RSS (GB)"),
+        ("prefill_s", "prefill (s)"),
+        ("plain_tok_s", "plain decode (tok/s)"),
+    ]
+    for key, name in table:
+        a = m.get(key) if m else None
+        b = t.get(key) if t else None
         cells = [format(v, ".2f") if v is not None else "–" for v in (a, b)]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {format(a / b, '.2f') + '×' if a and b else '–'} |")
+        ratio = f"{a / b:.2f}×" if a and b else "–"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
     if m:
         roof = bw / m["decode_read_gb"]
-        lines += ["", f"Weights {m['weights_gb']:.2f} GB; a decode step reads {m['decode_read_gb']:.2f} GB, so the "
-                  f"roofline is {roof:.2f} tok/s: minimtp reaches {m['plain_tok_s'] / roof:.0%}"
-                  + (f", transformers {t['plain_tok_s'] / roof:.0%}." if t else ".")]  # fmt: skip
-        lines.append(f"Sampling (T = 1, top-k 64, top-p 0.95): {m['sampled_tok_s']:.2f} tok/s; top-p 0.95 alone: "
-                     f"{m['top_p_tok_s']:.2f} tok/s.")  # fmt: skip
+        reached = f"minimtp reaches {m['plain_tok_s'] / roof:.0%}"
+        reached += f", transformers {t['plain_tok_s'] / roof:.0%}." if t else "."
+        lines += [
+            "",
+            f"Weights {m['weights_gb']:.2f} GB; a decode step reads {m['decode_read_gb']:.2f} GB, so the "
+            f"roofline is {roof:.2f} tok/s: {reached}",
+        ]
+        lines.append(
+            f"Sampling (T = 1, top-k 64, top-p 0.95): {m['sampled_tok_s']:.2f} tok/s; top-p 0.95 alone: "
+            f"{m['top_p_tok_s']:.2f} tok/s."
+        )
         vr = ", ".join(f"k={k}: {v:.2f}" for k, v in m["verify_ratio"].items())
         lines.append(f"Verify of k + 1 tokens / one token: {vr}.")
         if "c" in m:
@@ -193,29 +223,28 @@ def markdown(rows: dict, args, bw: float) -> str:
     return "\n".join(lines)
 
 
+def run_child(args) -> int:
+    """``--child minimtp|transformers``: measure one side and print its results as one ``RESULT {json}`` line."""
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    res = child_minimtp(args) if args.child == "minimtp" else child_transformers(args)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.child:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        torch.set_flush_denormal(True)
-        res = child_minimtp(args) if args.child == "minimtp" else child_transformers(args)
-        print("RESULT " + json.dumps(res), flush=True)
-        return 0
-    from minimtp.errors import ConfigError
-
+        return run_child(args)
     for d in [args.model] + ([args.assistant] if args.assistant else []):
         if not os.path.isfile(os.path.join(d, "config.json")):
             print(f"error: {ConfigError(f'{d}: no config.json')}", file=sys.stderr)
             return 2
-    import torch
-
     torch.set_num_threads(args.threads)
     bw = bandwidth_gbs()
     rows = {}
-    for side in args.sides.split(","):
+    for side in args.sides.split(","):  # each side in its own process, so that its peak RSS is its own
         cmd = [sys.executable, "-m", "minimtp.bench", "compare", "--child", side] + argv
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -223,7 +252,7 @@ def main(argv=None) -> int:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"error: the {side} run failed: {tail}", file=sys.stderr)
             return 2
-        rows[side] = json.loads(found[0][7:])
+        rows[side] = json.loads(found[0][len("RESULT ") :])
         print(json.dumps(rows[side]), file=sys.stderr, flush=True)
     md = markdown(rows, args, bw)
     os.makedirs(args.out, exist_ok=True)

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                 kw = dict(window=opts.window, scale=D**-0.5)
                 ms = do_bench(partial(pa.paged_attention, *args, **kw), warmup=25, rep=100)
                 cfg = pa._launch_config(D, dtype, False)
-                block_q = min(pa._next_pow2(q_len), max(1, cfg["max_rows"] // (Hq // Hkv)))
+                block_q = min(triton.next_power_of_2(q_len), max(1, cfg["max_rows"] // (Hq // Hkv)))
                 grid = ((B * q_len) // block_q + B) * Hkv
                 splits = pa.choose_num_splits(
                     grid, q_len, args[3].shape[1] * opts.block_size, cfg["tile_n"], props.multi_processor_count

@@ -35,15 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from minimtp.kernels.runtime import check_launch, is_interpreted
+from minimtp.kernels.runtime import FP_FUSION, check_launch, is_interpreted
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 16  # at most this many KV segments per (query tile, KV head)
 MAX_SPLIT_Q_LEN = 16  # split only decode / verify shapes (mean q_len <= this): partials are [S, T, Hq, D] fp32
 INTERPRETER_NUM_SMS = 4  # the pretend SM count on CPU, so small test batches take the split path too
-# FMA contraction, passed to every launch rather than left to TRITON_DEFAULT_FP_FUSION: Triton 3.9 defaults it on
-# and warns that 3.10 will default it off. On: the tolerances and the compile check were measured with it.
-FP_FUSION = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,10 +296,6 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Wrapper
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,8 +350,8 @@ def paged_attention(
     tile_n = tile_n or cfg["tile_n"]
     group = Hq // Hkv
     q_per_seq = triton.cdiv(T, B)
-    block_q = min(_next_pow2(q_per_seq), max(1, cfg["max_rows"] // group))
-    block_m = max(16, _next_pow2(block_q * group))
+    block_q = min(triton.next_power_of_2(q_per_seq), max(1, cfg["max_rows"] // group))
+    block_m = max(16, triton.next_power_of_2(block_q * group))
     num_q_tiles = T // block_q + B
     if num_splits is None:
         max_kv_len = block_tables.shape[1] * block_size
@@ -403,7 +396,7 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         HEAD_D=D,
-        HEAD_D_PAD=max(16, _next_pow2(D)),
+        HEAD_D_PAD=max(16, triton.next_power_of_2(D)),
         BLOCK_SIZE=block_size,
         TILE_N=tile_n,
         SLIDING=window > 0,
@@ -415,8 +408,8 @@ def paged_attention(
         enable_fp_fusion=FP_FUSION,
     )
     if split:
-        d_pad = max(16, _next_pow2(D))
-        block_h = _next_pow2(Hq) if interpret else min(_next_pow2(Hq), max(1, 2048 // d_pad))
+        d_pad = max(16, triton.next_power_of_2(D))
+        block_h = triton.next_power_of_2(Hq) if interpret else min(triton.next_power_of_2(Hq), max(1, 2048 // d_pad))
         _reduce_segments_kernel[(T, triton.cdiv(Hq, block_h))](
             out,
             seg_out,

@@ -31,6 +31,10 @@ from triton.runtime.jit import JITFunction
 
 from minimtp.errors import CompatibilityError
 
+# FMA contraction, passed to every launch rather than left to TRITON_DEFAULT_FP_FUSION: Triton 3.9 defaults it on
+# and warns that 3.10 will default it off. On: the tolerances and the compile check were measured with it.
+FP_FUSION = True
+
 NEEDS_CUDA = (
     "Triton kernels need a CUDA device; on CPU set TRITON_INTERPRET=1 before starting Python (docs: concepts/kernels)"
 )

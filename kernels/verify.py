@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minimtp.kernels.runtime import check_launch
+from minimtp.kernels.runtime import FP_FUSION, check_launch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -268,16 +268,11 @@ def _race_finish_kernel(
 
 MAX_BLOCK_V = 8192  # vocabulary tile (elements per loop iteration)
 TARGET_CHUNK_TILES = 4  # GPU: tiles per chunk, so Gemma's V = 262144 is 8 chunks of 32768 per row
-FP_FUSION = True  # passed to every launch, not left to TRITON_DEFAULT_FP_FUSION (no float mul-add here to fuse)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _vocab_split(V: int, block_v: int | None, num_chunks: int | None, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_V, chunk_size, num_chunks). Under the interpreter one chunk per row (programs are the cost)."""
-    block_v = block_v or min(MAX_BLOCK_V, max(16, _next_pow2(V)))
+    block_v = block_v or min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
     tiles = triton.cdiv(V, block_v)
     if num_chunks is None:
         num_chunks = 1 if interpret else triton.cdiv(tiles, TARGET_CHUNK_TILES)
@@ -344,8 +339,8 @@ def verify_greedy(
         K,
         chunks,
         draft_ids.stride(0),
-        CHUNKS_PAD=_next_pow2(chunks),
-        K1_PAD=_next_pow2(K1),
+        CHUNKS_PAD=triton.next_power_of_2(chunks),
+        K1_PAD=triton.next_power_of_2(K1),
         num_warps=1,
         enable_fp_fusion=FP_FUSION,
     )
@@ -437,8 +432,8 @@ def verify(
         K,
         chunks,
         draft_ids.stride(0),
-        CHUNKS_PAD=_next_pow2(chunks),
-        K1_PAD=_next_pow2(K1),
+        CHUNKS_PAD=triton.next_power_of_2(chunks),
+        K1_PAD=triton.next_power_of_2(K1),
         num_warps=1,
         enable_fp_fusion=FP_FUSION,
     )

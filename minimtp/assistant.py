@@ -18,13 +18,12 @@ import os
 import torch
 from torch import nn
 
-from minimtp.attention import DraftDenseContext
 from minimtp.checkpoint import load_weights, parse_dtype
 from minimtp.config import AssistantConfig, TextConfig, load_assistant_config
 from minimtp.errors import CheckpointError, CompatibilityError
 from minimtp.model import Gemma4, TextModel, Unembedding, rope_cos_sin
 
-__all__ = ["Gemma4Assistant", "load_assistant", "read_assistant", "check_pair", "DraftDenseContext"]
+__all__ = ["Gemma4Assistant", "load_assistant", "read_assistant", "check_pair"]
 
 
 class CentroidHead(nn.Module):
@@ -35,7 +34,9 @@ class CentroidHead(nn.Module):
 
     def __init__(self, cfg: AssistantConfig):
         super().__init__()
-        self.C, self.K, self.V = cfg.num_centroids, cfg.centroid_intermediate_top_k, cfg.text.vocab_size
+        self.C = cfg.num_centroids
+        self.K = cfg.centroid_intermediate_top_k
+        self.V = cfg.text.vocab_size
         self.centroids = nn.Linear(cfg.text.hidden_size, self.C, bias=False)
         self.register_buffer("token_ordering", torch.zeros(self.V, dtype=torch.long))
 

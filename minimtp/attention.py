@@ -110,7 +110,9 @@ class DenseContext:
     """B sequences of S tokens each (packed as T = B·S), causal [& window], no cache: ``model(input_ids)``."""
 
     def __init__(self, cfg: TextConfig, B: int, S: int):
-        self.cfg, self.B, self.S = cfg, B, S
+        self.cfg = cfg
+        self.B = B
+        self.S = S
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def store(self, i, k, v):
@@ -131,7 +133,9 @@ class DraftDenseContext:
     comparison with transformers and for distillation (every position of a sequence at once)."""
 
     def __init__(self, cfg: TextConfig, kv: dict, qpos: torch.Tensor):
-        self.cfg, self.kv, self.qpos = cfg, kv, qpos
+        self.cfg = cfg
+        self.kv = kv
+        self.qpos = qpos
 
     def store(self, i, k, v):  # pragma: no cover - assistant layers own no K/V
         raise RuntimeError("assistant layers do not produce K/V")
@@ -156,7 +160,9 @@ class PagedContext:
 
     def __init__(self, cache, backend, seqs: list[int], starts: list[int], counts: list[int]):
         dev = cache.device
-        self.cache, self.backend, self.cfg = cache, backend, cache.cfg
+        self.cache = cache
+        self.backend = backend
+        self.cfg = cache.cfg
         self.block_tables = cache.block_tables(seqs, dev)
         self.slots = cache.slot_mapping(seqs, starts, counts, dev)
         self.seq_lens = torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32, device=dev)
@@ -186,7 +192,9 @@ class DraftPagedContext:
 
     def __init__(self, cache, draft_cfg: TextConfig, backend, seqs: list[int], positions: list[int]):
         dev = cache.device
-        self.cache, self.dcfg, self.backend = cache, draft_cfg, backend
+        self.cache = cache
+        self.dcfg = draft_cfg
+        self.backend = backend
         self.block_tables = cache.block_tables(seqs, dev)
         self.seq_lens = torch.tensor(positions, dtype=torch.int32, device=dev)
         self.cu_q_lens = torch.arange(len(seqs) + 1, dtype=torch.int32, device=dev)

@@ -20,18 +20,19 @@ from collections.abc import Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError, ConfigError
+from minimtp.errors import CheckpointError, ConfigError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _FLOAT_FILE_DTYPES = {"F64", "F32", "F16", "BF16"}
 _INT_FILE_DTYPES = {"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"}
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}  # fmt: skip
+_DTYPE_ALIASES = {
+    torch.float32: ("float32", "fp32", "float"),
+    torch.bfloat16: ("bfloat16", "bf16"),
+    torch.float16: ("float16", "fp16", "half"),
+}
+_DTYPE_NAMES = {name: dtype for dtype, names in _DTYPE_ALIASES.items() for name in names}
 
 
 def _one_line(err: BaseException) -> str:

@@ -10,7 +10,10 @@ h_b is the target's post-norm hidden state at p_b - 1):
 
 The emitted sequence has exactly the distribution of plain decoding (docs: concepts/speculative-decoding). The
 same round for one sequence, in one screen: :func:`minimtp.decode.speculative_decode`. Every request carries its
-own settings (request.py); `generate` runs its requests through the scheduler the server uses too (scheduler.py).
+own settings (settings.py, request.py). The engine executes what the scheduler plans (scheduler.py) and returns what
+it did; `generate` runs that loop for its requests, the server (serve/) for its clients':
+
+    plan = scheduler.schedule();  result = engine.execute(plan, cache);  scheduler.postprocess(plan, result)
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from minimtp import speculative
+from minimtp.assistant import check_pair
 from minimtp.attention import DraftPagedContext, PagedContext, get_attention_backend
 from minimtp.errors import CompatibilityError, GenerationError, MinimtpError
 from minimtp.kv_cache import KVCache
-from minimtp.request import Request, check_draft_mode, make_requests
+from minimtp.request import Request, make_requests
 from minimtp.sampling import draw_exponentials, process_logits, sample
-from minimtp.scheduler import Scheduler
+from minimtp.scheduler import Plan, Scheduler, StepResult
+from minimtp.settings import GenerationSettings
 from minimtp.stats import Stats
+from minimtp.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -44,11 +51,9 @@ class GenerationResult:
 
 def _verify_backends(name: str):
     if name == "torch":
-        from minimtp import speculative
-
         return speculative.verify, speculative.verify_greedy
     if name == "triton":
-        from minimtp.kernels import verify as kv
+        from minimtp.kernels import verify as kv  # Triton, on request only
 
         return kv.verify, kv.verify_greedy
     raise CompatibilityError(f"verify backend {name!r}: expected 'torch' or 'triton'")
@@ -64,16 +69,17 @@ def _groups(seqs: list[Request], key) -> list[tuple[object, list[int], slice | t
 
 
 class Engine:
-    """Owns the models, the backends and the defaults; each :meth:`generate` call builds its requests, a KV pool
-    that fits them and a :class:`~minimtp.scheduler.Scheduler` that runs them. ``assistant=None`` gives plain
-    decoding.
+    """Owns the models, the backends and the defaults. :meth:`execute` runs one scheduled step; :meth:`generate`
+    builds requests, a KV pool that fits them and a :class:`~minimtp.scheduler.Scheduler`, and steps until they
+    are done. ``assistant=None`` gives plain decoding.
 
     ``draft_mode="argmax"`` drafts argmax q and verifies with the one-hot rule (accept with p(x): expected
     acceptance p(argmax q)); ``"sample"`` samples drafts from the processed drafter distribution q' and accepts
     with min(1, p/q') (expected acceptance Σ min(p, q')). Both are exact; at temperature 0 both are greedy.
     The models are used as given; ``minimtp.fast.FastEngine`` is this engine with the CPU fast twins.
     ``prefill_chunk``: the most prompt tokens of one request per prefill forward (docs: concepts/paged-kv-cache,
-    "Chunked prefill").
+    "Chunked prefill"). ``tokenizer``: for stop strings, grammars, token healing and the texts; None loads the one
+    in the target's checkpoint directory when one of them needs it.
     """
 
     draft_context = DraftPagedContext  # how the assistant reads the cache (attention.AttentionContext)
@@ -92,33 +98,35 @@ class Engine:
         draft_mode: str = "argmax",
         tokenizer=None,
     ):
-        self.target, self.assistant, self._tokenizer = target, assistant, tokenizer
-        self.cfg = target.config
-        self.attention = get_attention_backend(attention_backend)
-        self.verify, self.verify_greedy = _verify_backends(verify_backend)
-        self.attention_backend, self.verify_backend = attention_backend, verify_backend
         for name, v in (("block_size", block_size), ("prefill_chunk", prefill_chunk)):
             if v < 1:
-                raise GenerationError(f"{name} = {v}, expected >= 1")
-        self.block_size, self.num_blocks, self.prefill_chunk = block_size, num_blocks, prefill_chunk
-        self.draft_mode = check_draft_mode(draft_mode)
+                raise GenerationError(f"{name}={v} is invalid: expected an integer >= 1")
+        if draft_mode not in ("argmax", "sample"):
+            raise GenerationError(f"draft_mode={draft_mode!r} is invalid: expected 'argmax' or 'sample'")
         if assistant is not None:
-            from minimtp.assistant import check_pair
-
-            check_pair(self.cfg, assistant.config)
+            check_pair(target.config, assistant.config)
+        self.target = target
+        self.assistant = assistant
+        self.cfg = target.config
+        self.attention_backend = attention_backend
+        self.verify_backend = verify_backend
+        self.attention = get_attention_backend(attention_backend)
+        self.verify, self.verify_greedy = _verify_backends(verify_backend)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.prefill_chunk = prefill_chunk
+        self.draft_mode = draft_mode
         self.dtype = target.model.embed_tokens.weight.dtype
         self.device = target.model.embed_tokens.weight.device
+        self._tokenizer = tokenizer
 
     @property
     def tokenizer(self):
-        """The tokenizer given, else the one in the target's checkpoint directory (for stop strings, grammars and
-        token healing; token ids alone need none)."""
+        """The tokenizer given, else the one in the target's checkpoint directory (loaded once)."""
         if self._tokenizer is None:
             path = getattr(self.target, "name_or_path", None)
             if path is None:
                 raise GenerationError("stop strings, grammars and token healing need a tokenizer: Engine(tokenizer=)")
-            from minimtp.generate import load_tokenizer
-
             self._tokenizer = load_tokenizer(path)
         return self._tokenizer
 
@@ -139,15 +147,18 @@ class Engine:
         return max(self.cfg.sliding_window, self.assistant.config.text.sliding_window + 1 if self.assistant else 0)
 
     @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens: int = 64, num_speculative_tokens: int | None = None,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 min_p: float | None = None, seed: int | list[int] | None = None, stop_token_ids=None,
-                 draft_mode: str | None = None, use_assistant: bool = True, on_tokens=None,
-                 repetition_penalty: float | None = None, presence_penalty: float | None = None,
-                 frequency_penalty: float | None = None, stop: str | list[str] | None = None,
-                 include_stop_str_in_output: bool = False, json_schema=None, regex: str | None = None,
-                 grammar: str | None = None, token_healing: bool = False) -> GenerationResult:  # fmt: skip
-        """Generate up to ``max_new_tokens`` for each prompt (a list of token-id lists).
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int | None = None,
+        *,
+        settings: GenerationSettings | None = None,
+        on_tokens=None,
+        **keywords,
+    ) -> GenerationResult:
+        """Generate for each prompt (a list of token-id lists) with ``settings``, any field of which a keyword of
+        the same name replaces (`minimtp.settings.GenerationSettings`: ``max_new_tokens``, ``temperature``,
+        ``top_k``, ``top_p``, ``min_p``, ``seed``, ``num_speculative_tokens``, ``stop``, ``json_schema``, ...).
 
         ``temperature=0`` is greedy. Stops at any of ``stop_token_ids`` (default: the model's EOS ids), at a
         ``stop`` string, at ``max_new_tokens`` or at the context limit; tokens accepted past a stop are trimmed.
@@ -155,70 +166,105 @@ class Engine:
         and ``token_healing`` change p itself, row by row (docs: concepts/controls). ``on_tokens(i, ids)`` is
         called as tokens of prompt i are accepted (streaming)."""
         t0 = time.perf_counter()
-        kw = dict(locals())  # every keyword, validated by make_requests
-        del kw["self"], kw["prompts"], kw["t0"]
-        reqs = make_requests(self, prompts, **kw)
-        lens, k = [len(r.prompt) for r in reqs], reqs[0].k
-        cache = KVCache.for_requests(self.cfg, lens, max_new_tokens, k, self.sliding_keep, self.block_size,
-                                     self.num_blocks, self.dtype, self.device)  # fmt: skip
-        sched = Scheduler(self, cache, max_num_seqs=len(reqs))
+        if max_new_tokens is not None:
+            keywords["max_new_tokens"] = max_new_tokens
+        settings = GenerationSettings.of(settings, **keywords)
+        reqs = make_requests(self, prompts, settings, on_tokens)
+        cache = KVCache.for_requests(
+            self.cfg,
+            [len(r.prompt) for r in reqs],
+            settings.max_new_tokens,
+            reqs[0].k,
+            self.sliding_keep,
+            self.block_size,
+            self.num_blocks,
+            self.dtype,
+            self.device,
+        )
+        sched = Scheduler(cache, max_num_seqs=len(reqs))
         for r in reqs:
             r.arrival = t0
             sched.add(r)
-        sched.step()  # admits and prefills every request, then runs the first round
-        sched.stats.ttft_s = max(r.stats.ttft_s for r in reqs)
-        sched.run()
+        while sched.has_work:
+            plan = sched.schedule()
+            sched.postprocess(plan, self.execute(plan, cache))
         st = sched.stats
-        st.elapsed_s, st.generated_tokens = time.perf_counter() - t0, sum(len(r.out) for r in reqs)
+        st.elapsed_s = time.perf_counter() - t0
+        st.generated_tokens = sum(len(r.out) for r in reqs)
+        st.ttft_s = max(r.stats.ttft_s for r in reqs)
         for r in reqs:
             r.stats.elapsed_s = st.elapsed_s
         tok = self._optional_tokenizer()
-        texts = [r.text(tok) for r in reqs] if tok is not None else None
-        res = GenerationResult([r.out for r in reqs], [r.done for r in reqs], st, [r.stats for r in reqs], texts)
-        res.stop_reasons = [r.stop_reason for r in reqs]
-        res.healed_prompts = [r.prompt for r in reqs] if token_healing else None
-        return res
+        return GenerationResult(
+            tokens=[r.out for r in reqs],
+            finish_reasons=[r.done for r in reqs],
+            stats=st,
+            seq_stats=[r.stats for r in reqs],
+            texts=[r.text(tok) for r in reqs] if tok is not None else None,
+            stop_reasons=[r.stop_reason for r in reqs],
+            healed_prompts=[r.prompt for r in reqs] if settings.token_healing else None,
+        )
 
-    def _prefill(self, run, seqs: list[Request]) -> None:
+    def execute(self, plan: Plan, cache: KVCache) -> StepResult:
+        """Run one scheduled step on ``cache`` (blocks reserved by the scheduler): the plan's prefills, or one round
+        for its running requests. The requests' K/V, ``cache_len`` and ``hidden`` move on; their tokens come back
+        in the result for the scheduler to append."""
+        if plan.prefill:
+            return self.prefill(plan.prefill, cache)
+        if plan.decode:
+            return self.round(plan.decode, cache)
+        return StepResult([], [], [])
+
+    def prefill(self, seqs: list[Request], cache: KVCache) -> StepResult:
         """The prompts in packed forwards of at most ``prefill_chunk`` tokens per request (chunked prefill: a
         query chunk attends only the keys it can see, so a long prompt costs chunk × context, not context²); the
         first token from each last row. A preempted request recomputes prompt + its tokens but the last (still
         pending) and emits nothing new."""
-        todo, n, last = [s.prompt + s.out[:-1] for s in seqs], self.prefill_chunk, [None] * len(seqs)
+        todo = [s.prompt + s.out[:-1] for s in seqs]
+        n = self.prefill_chunk
+        last_logits = [None] * len(seqs)
         for a in range(0, max(map(len, todo)), n):
             part = [b for b, t in enumerate(todo) if len(t) > a]
-            out, _ = self._target_forward(run, [seqs[b] for b in part], [todo[b][a : a + n] for b in part], True)
+            chunk = [todo[b][a : a + n] for b in part]
+            out, _ = self._target_forward(cache, [seqs[b] for b in part], chunk, last_rows=True)
             for r, b in enumerate(part):  # out has one row per request (its last)
                 seqs[b].cache_len = min(len(todo[b]), a + n)
-                run.cache.trim_window(seqs[b].id, seqs[b].cache_len)
-                last[b] = out.logits[r], out.hidden[r]
-        for s, (_, h) in zip(seqs, last):
-            s.hidden, s.stats.prompt_tokens = h, len(s.prompt)
-        if not (fresh := [b for b, s in enumerate(seqs) if not s.out]):
-            return
-        logits = torch.stack([last[b][0] for b in fresh])[:, None]
-        logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
-        for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
-            self._emit(seqs[b], [t])
-            seqs[b].stats.ttft_s = time.perf_counter() - seqs[b].arrival
+                seqs[b].hidden = out.hidden[r]
+                cache.trim_window(seqs[b].id, seqs[b].cache_len)
+                last_logits[b] = out.logits[r]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        fresh = [b for b, s in enumerate(seqs) if not s.out]
+        if fresh:
+            logits = torch.stack([last_logits[b] for b in fresh])[:, None]
+            logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
+            for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
+                tokens[b] = [t]
+        zeros = [0] * len(seqs)
+        return StepResult(tokens, zeros, zeros)
 
-    def _round(self, run, active: list[Request]) -> None:
+    def round(self, active: list[Request], cache: KVCache) -> StepResult:
         """Draft, verify, accept, roll back: one round for every active request (module docstring)."""
         max_ctx = self.cfg.max_position_embeddings
         # drafts per request: never more than the budget left (the round also emits one target token)
         ks = [max(0, min(s.k, s.max_new - len(s.out) - 1, max_ctx - s.cache_len - 2)) for s in active]
-        B, K = len(active), max(ks)
+        B = len(active)
+        K = max(ks)
         t0 = time.perf_counter()
-        drafts, q = self._draft(run, active, ks) if K > 0 else (torch.zeros(B, 0, dtype=torch.long), None)
+        if K > 0:
+            drafts, q = self._draft(cache, active, ks)
+        else:
+            drafts, q = torch.zeros(B, 0, dtype=torch.long), None
         drafts_l = drafts.tolist()
         t1 = time.perf_counter()
-        out, cu = self._target_forward(run, active, [[s.pending] + drafts_l[b][: ks[b]] for b, s in enumerate(active)])
-        run.stats.draft_s += t1 - t0
-        run.stats.verify_s += time.perf_counter() - t1
+        rows = [[s.pending] + drafts_l[b][: ks[b]] for b, s in enumerate(active)]
+        out, cu = self._target_forward(cache, active, rows)
+        t2 = time.perf_counter()
         logits = pad_sequence(list(out.logits.split([kb + 1 for kb in ks])), batch_first=True)  # [B, K+1, V]
         logits = _controlled(active, logits, drafts_l, 0, [kb + 1 for kb in ks])  # row j: after d_1..d_j
-        num_drafts, V = torch.tensor(ks, dtype=torch.long), logits.shape[-1]
-        ids, n_emit = torch.full((B, K + 1), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        num_drafts = torch.tensor(ks, dtype=torch.long)
+        V = logits.shape[-1]
+        ids = torch.full((B, K + 1), -1, dtype=torch.long)
+        n_emit = torch.zeros(B, dtype=torch.long)
         for (params, sampled), bs, i in _groups(active, lambda s: (s.params, s.sampled_drafts)):
             if params.is_greedy:
                 ids[i], n_emit[i] = self.verify_greedy(logits[i], drafts[i], num_drafts[i])
@@ -231,42 +277,45 @@ class Engine:
                 u[r, : min(active[b].k, K)] = torch.rand(active[b].k, generator=g[r], dtype=torch.float64)[:K]
             qi = q[i] if sampled and q is not None else None
             ids[i], n_emit[i] = self.verify(probs, drafts[i], qi, num_drafts[i], u, draw_exponentials(g, V))
-        ids_l, n_l = ids.tolist(), n_emit.tolist()
+        ids_l = ids.tolist()
+        n_l = n_emit.tolist()
         for b, s in enumerate(active):
             n_acc = n_l[b] - 1
-            run.stats.count_round(ks[b], n_acc, forward=b == 0)  # one batched forward for the whole round
-            s.stats.count_round(ks[b], n_acc)
             s.hidden = out.hidden[cu[b] + n_acc]
             s.cache_len += 1 + n_acc  # the pending token and the accepted drafts now have valid K/V
-            run.cache.truncate(s.id, s.cache_len)  # roll back the rejected drafts
-            run.cache.trim_window(s.id, s.cache_len)
-            self._emit(s, ids_l[b][: n_l[b]])
+            cache.truncate(s.id, s.cache_len)  # roll back the rejected drafts
+            cache.trim_window(s.id, s.cache_len)
+        tokens = [ids_l[b][: n_l[b]] for b in range(B)]
+        accepted = [n - 1 for n in n_l]
+        return StepResult(tokens, ks, accepted, draft_s=t1 - t0, verify_s=t2 - t1)
 
-    def _target_forward(self, run, seqs: list[Request], new_tokens: list[list[int]], last_rows: bool = False):
+    def _target_forward(self, cache: KVCache, seqs: list[Request], new_tokens: list[list[int]], last_rows=False):
         """One target forward over the packed new tokens of several requests (their K/V go into the cache). Logits
         of every row, or with ``last_rows`` of each request's last row only (a prefill: the head is V wide)."""
-        starts, counts = [s.cache_len for s in seqs], [len(t) for t in new_tokens]
-        for s, c in zip(seqs, counts):
-            run.cache.reserve(s.id, s.cache_len + c)
-        ctx = PagedContext(run.cache, self.attention, [s.id for s in seqs], starts, counts)
+        starts = [s.cache_len for s in seqs]
+        counts = [len(t) for t in new_tokens]
+        ctx = PagedContext(cache, self.attention, [s.id for s in seqs], starts, counts)
         tok = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)]).to(self.device)
         cu = ctx.cu_q_lens.tolist()
-        return self.target.run(tok, pos, ctx, logit_rows="last" if last_rows else "all"), cu
+        if last_rows:
+            return self.target.prefill(tok, pos, ctx), cu
+        return self.target.run(tok, pos, ctx), cu
 
-    def _draft(self, run, seqs: list[Request], ks: list[int]):
+    def _draft(self, cache: KVCache, seqs: list[Request], ks: list[int]):
         """max(ks) drafting steps for every request at its constant position p = cache_len. Returns draft ids
         ``[B, K]`` and, if any request samples its drafts, the processed drafter distributions q' ``[B, K, V]``
         (zero rows for the others; else None)."""
         positions = [s.cache_len for s in seqs]
-        ctx = self.draft_context(run.cache, self.assistant.config.text, self.attention, [s.id for s in seqs], positions)
+        ctx = self.draft_context(cache, self.assistant.config.text, self.attention, [s.id for s in seqs], positions)
         p = torch.tensor(positions, device=self.device)
         rope = self.assistant.rope(p)  # the position is the same at every step of the round
         last = torch.tensor([s.pending for s in seqs], device=self.device)
         hidden = torch.stack([s.hidden for s in seqs])
         sampled = _groups(seqs, lambda s: s.params if s.sampled_drafts else None)
         controlled = any(s.controls.active for s in seqs)
-        drafts, qs = [], []
+        drafts = []
+        qs = []
         for j in range(max(ks)):
             logits, hidden = self.assistant.step(self.target.embed(last), hidden, p, ctx, rope)
             if controlled:  # step j follows d_1..d_j
@@ -299,28 +348,6 @@ class Engine:
                 probs = self.process_logits(logits[i], params)
                 out[i] = sample(probs, draw_exponentials([seqs[b].gen for b in bs], probs.shape[-1]))
         return out.tolist()
-
-    def _emit(self, s: Request, toks: list[int]) -> None:
-        """Append emitted tokens, trimming at the first stop token or string / the budget."""
-        new = []
-        for t in toks:
-            new.append(t)
-            if t in s.stops:
-                s.done, s.stop_reason = "stop", t
-                break
-            if s.stop_strings is not None and (hit := s.stop_strings.find(s.stop_strings.text(s.out + new))):
-                s.done, s.stop_reason = "stop", hit[1]
-                break
-            if len(s.out) + len(new) >= s.max_new:
-                s.done = "length"
-                break
-        s.out.extend(new)
-        s.stats.generated_tokens += len(new)
-        s.pending = new[-1]
-        if s.done is None and s.cache_len + 1 >= self.cfg.max_position_embeddings:
-            s.done = "context"
-        if s.on_tokens is not None and new:
-            s.on_tokens(s, new)
 
 
 def _controlled(seqs: list[Request], logits: torch.Tensor, drafts: list[list[int]], first: int, rows):

@@ -13,36 +13,27 @@ import json
 import os
 import sys
 
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+import torch
+
+from minimtp.controls.stop_strings import StopStrings, TextStream
+from minimtp.errors import GenerationError, MinimtpError
+from minimtp.flags import add_pair_flags, load_pair, pair_dirs, sampling_settings
+from minimtp.settings import GenerationSettings
+from minimtp.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimtp.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local Gemma 4 checkpoint directory (default: the embedded model)")
-    p.add_argument("--assistant", help="local Gemma 4 assistant directory (default: the embedded assistant)")
-    p.add_argument("--no-assistant", action="store_true", help="plain decoding, no speculation")
+    add_pair_flags(p)
     p.add_argument("--prompt", help="the prompt text (default: --prompt-file, else stdin)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument(
-        "--num-speculative-tokens",
-        "-k",
-        type=int,
-        default=None,
-        help="drafts per round (default: the assistant's num_assistant_tokens, else 6)",
-    )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--generation-config",
-        default="minimtp",
-        help="auto: sampling defaults from the model's generation_config.json (flags still win); a directory: from "
-        "its generation_config.json; minimtp (default): greedy unless flags say otherwise",
-    )
     p.add_argument("--repetition-penalty", type=float, default=None, help="transformers' definition (1 = off)")
     p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's definition, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's definition, in [-2, 2]")
@@ -57,98 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="re-spell the prompt's last token (auto: on for the embedded model without a grammar)",
     )
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's dtype)")
-    p.add_argument(
-        "--draft-dtype",
-        default="auto",
-        help="assistant dtype: float32 | bfloat16 | float16 | int8 (weight-only, a fast-path twin) | auto (int8 on "
-        "CPU for a 16-bit target, else the target's dtype; the target's dtype with --reference)",
-    )
-    p.add_argument(
-        "--reference",
-        action="store_true",
-        help="run the pure PyTorch reference (minimtp.Engine) instead of the CPU fast path (minimtp.fast.FastEngine)",
-    )
-    p.add_argument("--draft-mode", choices=["argmax", "sample"], default="argmax")
-    p.add_argument("--attention", choices=["torch", "triton"], default="torch", help="paged-attention backend")
-    p.add_argument("--verifier", choices=["torch", "triton"], default="torch", help="verification backend")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
 
 
-def _checkpoint_dtype(model_dir: str) -> str:
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return "float32"
-    dt = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
-    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
-
-
-def draft_dtype(arg: str, target, reference: bool = False) -> str | None:
-    """The assistant's dtype. ``auto``: weight-only ``int8`` on CPU when the target runs in 16 bits, else the target's
-    dtype (None). A draft step is a chain of one-row matmuls that stream every drafter weight once, so on a CPU its
-    cost follows the bytes of the weights: int8 halves them (measured: docs/benchmarks.md). The drafter only
-    proposes; the target's distribution is untouched (docs: concepts/speculative-decoding). int8 is a fast-path
-    twin (``minimtp.fast``): the reference drafts in a float dtype."""
-    import torch
-
-    from minimtp.errors import GenerationError
-
-    if arg == "int8" and reference:
-        raise GenerationError(
-            "--draft-dtype int8 needs the fast path: drop --reference, or pick float32/bfloat16/float16"
-        )
-    if arg != "auto":
-        return arg
-    w = target.model.embed_tokens.weight
-    fast_cpu = not reference and w.device.type == "cpu"
-    return "int8" if (fast_cpu and w.dtype in (torch.bfloat16, torch.float16)) else None
-
-
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-
-
-def sampling_settings(args, model_dir: str) -> tuple[dict, str]:
-    """The sampling keywords for Engine.generate and a line saying where they came from: the flags, else (with
-    ``--generation-config auto`` or DIR) the model's ``generation_config.json`` (transformers' keys; vLLM's flag),
-    else greedy. ``do_sample: false`` there means greedy, as in transformers."""
-    from minimtp.errors import ConfigError
-
-    given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
-    found: dict = {}
-    if args.generation_config != "minimtp":
-        d = model_dir if args.generation_config == "auto" else args.generation_config
-        path = os.path.join(d, "generation_config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                gc = json.load(f)
-        except FileNotFoundError:
-            gc = {} if args.generation_config == "auto" else None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read the generation config ({e})") from None
-        if gc is None:
-            raise ConfigError(f"{path}: no such file (--generation-config takes auto, minimtp or a directory)")
-        found = {k: gc[k] for k in SAMPLING_KEYS if gc.get(k) is not None}
-        used = ", ".join(found)
-        if gc.get("do_sample") is True and "temperature" not in found:  # transformers' default temperature
-            found, used = {"temperature": 1.0, **found}, ", ".join(["do_sample=true", *found])
-        if gc.get("do_sample") is False:
-            found, used = {"temperature": 0.0}, "do_sample=false"
-    settings = {**found, **given}
-    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "temperature" or v) or "greedy"
-    if settings.get("temperature", 0) == 0 and shown != "greedy":
-        shown = "greedy, " + shown
-    src = [f"{used} from generation_config.json"] if found else []
-    src += ["flags"] if given else []
-    return settings, f"[settings: {shown} ({'; '.join(src) or 'defaults'})]"
-
-
 def control_settings(args, embedded: bool) -> dict:
-    """Engine.generate keywords of the penalties, stops, grammar and token healing flags (files read here)."""
-    from minimtp.errors import GenerationError
+    """GenerationSettings fields of the penalties, stops, grammar and token healing flags (files read here)."""
 
     def read(path, what):
         try:
@@ -172,44 +77,7 @@ def control_settings(args, embedded: bool) -> dict:
     return kw
 
 
-def load_pair(model_dir: str, asst_dir: str | None, args):
-    """(target, assistant or None, engine) as the flags ask: ``--dtype``, ``--draft-dtype``, ``--reference``,
-    ``--attention``; shared with ``python -m minimtp.bench``."""
-    from minimtp import Engine, load_assistant, load_target
-    from minimtp.fast import FastEngine
-
-    dtype = _checkpoint_dtype(model_dir) if args.dtype == "auto" else args.dtype
-    target = load_target(model_dir, dtype=dtype)
-    want = draft_dtype(args.draft_dtype, target, args.reference)
-    assistant = None
-    if asst_dir:  # an int8 drafter is quantized from its bfloat16 weights by the fast path
-        assistant = load_assistant(asst_dir, target, dtype="bfloat16" if want == "int8" else want)
-    kw = dict(attention_backend=args.attention, verify_backend=getattr(args, "verifier", "torch"))
-    kw["draft_mode"] = getattr(args, "draft_mode", "argmax")
-    if args.reference:
-        return target, assistant, Engine(target, assistant, **kw)
-    return target, assistant, FastEngine(target, assistant, draft_dtype="int8" if want == "int8" else None, **kw)
-
-
-def load_tokenizer(model_dir: str):
-    """The tokenizer of a model directory (``tokenizer.json`` via transformers; never downloads)."""
-    from minimtp.errors import ConfigError
-
-    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        raise ConfigError(f"{model_dir}: no tokenizer.json (the CLI takes the tokenizer from the model directory)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as e:  # transformers raises many types; report one line
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {msg})") from None
-
-
 def read_prompt(args) -> str:
-    from minimtp.errors import GenerationError
-
     if args.prompt is not None:
         text = args.prompt
     elif args.prompt_file is not None:
@@ -228,8 +96,6 @@ def read_prompt(args) -> str:
 
 
 def encode(tok, text: str, chat: bool) -> list[int]:
-    from minimtp.errors import GenerationError
-
     if chat:
         if not getattr(tok, "chat_template", None):
             raise GenerationError("--chat: the tokenizer has no chat_template")
@@ -253,14 +119,7 @@ def stats_line(s) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
-
-        from minimtp.errors import MinimtpError
-    except ImportError as e:  # pragma: no cover
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args, torch)
+        return run(args)
     except MinimtpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -271,32 +130,27 @@ def main(argv=None) -> int:
         return 141
 
 
-def _run(args, torch) -> int:
-    from minimtp.errors import ConfigError
-
+def run(args) -> int:
+    """Load, encode, generate, print: the command behind :func:`main`."""
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
-    asst_dir = None
-    if not args.no_assistant:
-        asst_dir = args.assistant or (None if args.model else os.path.join(DEFAULT_DIR, "assistant"))
-    if args.model is None and not os.path.isdir(model_dir):
-        raise ConfigError(f"{model_dir}: the embedded default model is missing from this install; pass --model DIR")
-    for d, what in ((model_dir, "model"), (asst_dir, "assistant")):
-        if d is not None and not os.path.isdir(d):
-            raise ConfigError(f"{d}: no such {what} directory")
+    model_dir, asst_dir = pair_dirs(args)
     prompt = read_prompt(args)
     tok = load_tokenizer(model_dir)
-    target, assistant, engine = load_pair(model_dir, asst_dir, args)
+    _, assistant, engine = load_pair(model_dir, asst_dir, args, tokenizer=tok)
     ids = encode(tok, prompt, args.chat)
-    settings, settings_line = sampling_settings(args, model_dir)
+    sampling, settings_line = sampling_settings(args, model_dir)
     controls = control_settings(args, embedded=args.model is None)
-    engine._tokenizer = tok
-    from minimtp.stop_strings import StopStrings, TextStream
-
+    settings = GenerationSettings.of(
+        max_new_tokens=args.max_new_tokens,
+        num_speculative_tokens=args.num_speculative_tokens,
+        seed=args.seed,
+        **sampling,
+        **controls,
+    )
     # token healing: the first tokens re-spell the removed last prompt token (a special token decodes to "")
-    healed = tok.decode(ids[-1:], skip_special_tokens=True) if controls["token_healing"] and len(ids) > 1 else ""
+    healed = tok.decode(ids[-1:], skip_special_tokens=True) if settings.token_healing and len(ids) > 1 else ""
     shown = TextStream(StopStrings(tok, args.stop or [], args.include_stop_str_in_output, healed))
     generated: list[int] = []
 
@@ -305,25 +159,18 @@ def _run(args, torch) -> int:
         sys.stdout.write(shown.delta(generated))
         sys.stdout.flush()
 
-    res = engine.generate(
-        [ids],
-        max_new_tokens=args.max_new_tokens,
-        num_speculative_tokens=args.num_speculative_tokens,
-        seed=args.seed,
-        on_tokens=None if args.json else stream,
-        **settings,
-        **controls,
-    )
+    res = engine.generate([ids], settings=settings, on_tokens=None if args.json else stream)
     s = res.stats
     if args.json:
+        k = (args.num_speculative_tokens or engine.default_num_speculative_tokens) if assistant else 0
         out = {
             "text": res.texts[0],
             "token_ids": res.tokens[0],
             "prompt_token_ids": ids,
             "finish_reason": res.finish_reasons[0],
             "stop_reason": res.stop_reasons[0],
-            "settings": settings,
-            "token_healing": controls["token_healing"],
+            "settings": sampling,
+            "token_healing": settings.token_healing,
             "stats": {
                 "tokens_per_second": s.tokens_per_second,
                 "mean_acceptance_length": s.mean_acceptance_length,
@@ -335,9 +182,7 @@ def _run(args, torch) -> int:
                 "generated_tokens": s.generated_tokens,
                 "elapsed_s": s.elapsed_s,
                 "per_position_acceptance": s.per_position_acceptance,
-                "num_speculative_tokens": (
-                    (args.num_speculative_tokens or engine.default_num_speculative_tokens) if assistant else 0
-                ),
+                "num_speculative_tokens": k,
             },
         }
         print(json.dumps(out))

@@ -30,7 +30,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        self.cfg, self.block_size, self.device = cfg, block_size, torch.device(device)
+        self.cfg = cfg
+        self.block_size = block_size
+        self.device = torch.device(device)
         self.keep = sliding_keep if sliding_keep is not None else cfg.sliding_window + 1
         self.num_blocks = dict(num_blocks)
         self.free_blocks = {t: list(range(n - 1, -1, -1)) for t, n in self.num_blocks.items()}

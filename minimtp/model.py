@@ -13,8 +13,11 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimtp.attention import DenseContext
-from minimtp.config import FULL, SLIDING, RopeConfig, TextConfig
+from minimtp.checkpoint import load_weights, parse_dtype, stored_head_differs
+from minimtp.config import FULL, SLIDING, RopeConfig, TextConfig, load_text_config
 
-__all__ = ["Gemma4", "load_target", "DenseContext"]  # DenseContext: re-exported from minimtp.attention
+__all__ = ["Gemma4", "load_target"]
 
 
 class RMSNorm(nn.Module):
@@ -84,8 +88,11 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: TextConfig, i: int, has_kv: bool = True):
         super().__init__()
-        self.layer_idx, self.layer_type = i, cfg.layer_types[i]
-        self.nh, self.kvh, self.d = cfg.num_heads, cfg.kv_heads[i], cfg.head_dims[i]
+        self.layer_idx = i
+        self.layer_type = cfg.layer_types[i]
+        self.nh = cfg.num_heads
+        self.kvh = cfg.kv_heads[i]
+        self.d = cfg.head_dims[i]
         H, bias = cfg.hidden_size, cfg.attention_bias
         self.window = cfg.sliding_window if self.layer_type == SLIDING else 0
         self.q_proj = nn.Linear(H, self.nh * self.d, bias=bias)
@@ -135,7 +142,8 @@ class Router(nn.Module):
         self.proj = nn.Linear(H, E, bias=False)
         self.scale = nn.Parameter(torch.ones(H))
         self.per_expert_scale = nn.Parameter(torch.ones(E))
-        self.top_k, self.H = cfg.top_k_experts, H
+        self.top_k = cfg.top_k_experts
+        self.H = H
 
     def forward(self, r):
         z = self.norm(r) * self.scale * (self.H**-0.5)
@@ -151,7 +159,9 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        E = cfg.num_experts
+        H = cfg.hidden_size
+        I = cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.zeros(E, H, I))
         self.approximate = "tanh" if cfg.hidden_activation == "gelu_pytorch_tanh" else "none"
@@ -227,7 +237,9 @@ class TextModel(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        H, P, L = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_layers
+        H = cfg.hidden_size
+        P = cfg.hidden_size_per_layer_input
+        L = cfg.num_layers
         pad = cfg.pad_token_id if cfg.pad_token_id is not None and cfg.pad_token_id < cfg.vocab_size else None
         self.embed_tokens = ScaledEmbedding(cfg.vocab_size, H, pad, math.sqrt(H))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(L))
@@ -286,28 +298,43 @@ class Gemma4(nn.Module):
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx, logit_rows=None) -> TargetOutput:
-        """Packed forward: ids/positions ``[T]``; ``ctx`` decides where K/V go and come from. ``logit_rows``: None →
-        no logits; ``slice``/index tensor → logits for those rows; "all" → every row; "last" → hidden states and
-        logits of each sequence's last row only (a prefill): the KV-shared layers, which write no K/V, then run on
-        those rows alone (as transformers' ``Gemma4TextModel._maybe_slice_kv_shared_inputs``)."""
-        m, cfg = self.model, self.config
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> TargetOutput:
+        """Packed forward: ids/positions ``[T]``; ``ctx`` decides where K/V go and come from. Hidden states and
+        logits of every row."""
+        x, ple = self.inputs(ids)
+        x = self.run_layers(x, positions, ple, ctx, range(self.config.num_layers))
+        h = self.model.norm(x)
+        return TargetOutput(h, self.logits(h))
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> TargetOutput:
+        """:meth:`run` for each sequence's last row only, as a prompt needs. The layers that store K/V run on every
+        row; the KV-shared layers write none, so they run on the last rows alone (as transformers'
+        ``Gemma4TextModel._maybe_slice_kv_shared_inputs``)."""
+        cfg = self.config
+        first_shared = cfg.num_layers - cfg.num_kv_shared_layers
+        x, ple = self.inputs(ids)
+        x = self.run_layers(x, positions, ple, ctx, range(first_shared))
+        rows = ctx.last_queries()  # from here on each sequence has one query
+        x = self.run_layers(
+            x[rows], positions[rows], None if ple is None else ple[rows], ctx, range(first_shared, cfg.num_layers)
+        )
+        h = self.model.norm(x)
+        return TargetOutput(h, self.logits(h))
+
+    def inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedding ``[T, H]`` and, for the PLE families, the per-layer inputs ``[T, L, P]``."""
+        m = self.model
         x = m.embed_tokens(ids)
         ple = m.per_layer_inputs(ids, x) if hasattr(m, "embed_tokens_per_layer") else None
-        last = cfg.num_layers - cfg.num_kv_shared_layers if isinstance(logit_rows, str) and logit_rows == "last" else -1
-        for i in range(cfg.num_layers + 1):
-            if i == last:  # from here on only each sequence's last row matters
-                rows = ctx.last_queries()
-                x, positions, ple = x[rows], positions[rows], None if ple is None else ple[rows]
-            if i == 0 or i == last:
-                rope = {t: rope_cos_sin(r, d, positions, x.dtype) for t, (r, d) in self._rope_types.items()}
-            if i < cfg.num_layers:
-                layer = m.layers[i]
-                x = layer(x, rope[layer.self_attn.layer_type], ctx, None if ple is None else ple[:, i])
-        h = m.norm(x)
-        if logit_rows is None:
-            return TargetOutput(h, None)
-        return TargetOutput(h, self.logits(h if isinstance(logit_rows, str) else h[logit_rows]))
+        return x, ple
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, ple, ctx, layers: range) -> torch.Tensor:
+        """The decoder layers ``layers`` over rows ``x [T, H]`` at ``positions [T]``."""
+        rope = {t: rope_cos_sin(r, d, positions, x.dtype) for t, (r, d) in self._rope_types.items()}
+        for i in layers:
+            layer = self.model.layers[i]
+            x = layer(x, rope[layer.self_attn.layer_type], ctx, None if ple is None else ple[:, i])
+        return x
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without a cache: ``[B, S]`` ids → ``[B, S, V]`` logits."""
@@ -318,7 +345,7 @@ class Gemma4(nn.Module):
         layer type ``{type: (K, V)}`` each ``[B, S, kvh, d]``) – what the assistant consumes."""
         (B, S), cfg = input_ids.shape, self.config
         ctx = DenseContext(cfg, B, S)
-        out = self.run(input_ids.reshape(-1), torch.arange(S, device=input_ids.device).repeat(B), ctx, "all")
+        out = self.run(input_ids.reshape(-1), torch.arange(S, device=input_ids.device).repeat(B), ctx)
         kv = {t: tuple(x.view(B, S, *x.shape[1:]) for x in ctx.kv[cfg.store_layer(t)]) for t in set(cfg.layer_types)}
         return out.logits.view(B, S, -1), out.hidden.view(B, S, -1), kv
 
@@ -328,18 +355,14 @@ def load_target(path, dtype=torch.float32, device="cpu") -> Gemma4:
     multimodal ``gemma4`` / ``gemma4_unified`` layout, decoder under ``model.language_model.``; vision/audio towers and
     embedders are never read). Weights are read tensor by tensor into a model built on the meta device, so no second
     full copy is made."""
-    import dataclasses
-    import os
-    import warnings
-
-    from minimtp.checkpoint import load_weights, parse_dtype, stored_head_differs
-    from minimtp.config import load_text_config
-
     path = os.fspath(path)
     cfg = load_text_config(path)
     if cfg.tie_word_embeddings and stored_head_differs(path):  # never replace a stored head with the embedding
-        warnings.warn(f"{path}: config.json ties the LM head to the embedding, but the checkpoint stores a different "
-                      "lm_head.weight: using the stored head", stacklevel=2)  # fmt: skip
+        message = (
+            f"{path}: config.json ties the LM head to the embedding, but the checkpoint stores a different "
+            "lm_head.weight: using the stored head"
+        )
+        warnings.warn(message, stacklevel=2)
         cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):

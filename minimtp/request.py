@@ -1,9 +1,9 @@
 """A request: one prompt with its own settings, and its decoding state.
 
-Every setting that `Engine.generate` takes lives here per prompt - sampling parameters, draft length (0 = plain
+Every setting of `GenerationSettings` lives here per prompt - sampling parameters, draft length (0 = plain
 decoding), draft mode, random stream, stop tokens and strings, budget, controls - so one batch can mix requests,
 and a request's tokens do not depend on which others share its rounds (docs: serving, "Continuous batching").
-`make_requests` validates the keywords of `Engine.generate` and builds the requests of one call.
+`make_requests` builds the requests of one set of settings with the engine's defaults filled in.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minimtp.controls import NO_CONTROLS, Controls, Penalties, make_controls
+from minimtp.controls.grammar import grammar_source
+from minimtp.controls.logits import NO_CONTROLS, Controls, make_controls
+from minimtp.controls.stop_strings import StopStrings, check_stop_strings
 from minimtp.errors import GenerationError
-from minimtp.grammar import grammar_source
 from minimtp.sampling import SamplingParams, make_generators
+from minimtp.settings import GenerationSettings
 from minimtp.stats import Stats
-from minimtp.stop_strings import StopStrings, check_stop_strings
 
 
 @dataclass(eq=False)
@@ -31,7 +32,8 @@ class Request:
     gen: torch.Generator | None = None
     stops: frozenset[int] = frozenset()
     max_new: int = 64
-    controls: Controls = NO_CONTROLS  # penalties, grammar, token healing (controls.py)
+    max_len: int = 1 << 62  # the context limit: positions the model can hold
+    controls: Controls = NO_CONTROLS  # penalties, grammar, token healing (controls/)
     stop_strings: StopStrings | None = None
     on_tokens: Callable | None = None  # on_tokens(request, new token ids), as tokens are accepted
     index: int = 0  # position in its generate call (or any id the caller likes)
@@ -40,28 +42,52 @@ class Request:
     # decoding state
     out: list[int] = field(default_factory=list)
     cache_len: int = 0  # positions with K/V in the cache
-    pending: int = -1  # emitted token at position cache_len, not yet run through the target
     hidden: torch.Tensor | None = None  # target hidden state at cache_len - 1
-    done: str | None = None  # "stop" | "length" | "context" | "abort"
+    done: str | None = None  # "stop" | "length" | "context" | "abort" | "error"
     stop_reason: int | str | None = None
     cancelled: bool = False
     stats: Stats = field(default_factory=Stats)
 
     @property
+    def pending(self) -> int:
+        """The last emitted token, at position cache_len: not yet run through the target."""
+        return self.out[-1]
+
+    @property
     def sampled_drafts(self) -> bool:
         return self.draft_mode == "sample" and not self.params.is_greedy
+
+    def append(self, tokens: list[int]) -> None:
+        """Emit ``tokens``: append them up to and including the first stop token or string, or up to the budget;
+        then the context limit. Streams them to ``on_tokens``."""
+        new = []
+        for t in tokens:
+            new.append(t)
+            if t in self.stops:
+                self.done = "stop"
+                self.stop_reason = t
+                break
+            if self.stop_strings is not None:
+                hit = self.stop_strings.find(self.stop_strings.text(self.out + new))
+                if hit:
+                    self.done = "stop"
+                    self.stop_reason = hit[1]
+                    break
+            if len(self.out) + len(new) >= self.max_new:
+                self.done = "length"
+                break
+        self.out.extend(new)
+        self.stats.generated_tokens += len(new)
+        if self.done is None and self.cache_len + 1 >= self.max_len:
+            self.done = "context"
+        if self.on_tokens is not None and new:
+            self.on_tokens(self, new)
 
     def text(self, tokenizer) -> str | None:
         """The continuation's text, cut at a stop string; None without a tokenizer."""
         if tokenizer is None:
             return None
         return (self.stop_strings or StopStrings(tokenizer, [], prefix=self.controls.healed)).cut(self.out)
-
-
-def check_draft_mode(mode: str) -> str:
-    if mode not in ("argmax", "sample"):
-        raise GenerationError(f"draft_mode = {mode!r}, expected 'argmax' or 'sample'")
-    return mode
 
 
 def check_prompts(prompts, V: int, max_len: int) -> list[list[int]]:
@@ -88,36 +114,45 @@ def check_prompts(prompts, V: int, max_len: int) -> list[list[int]]:
     return out
 
 
-def make_requests(engine, prompts, max_new_tokens=64, num_speculative_tokens=None, temperature=0.0, top_k=None,
-                  top_p=None, min_p=None, seed=None, stop_token_ids=None, draft_mode=None, use_assistant=True,
-                  on_tokens=None, repetition_penalty=None, presence_penalty=None, frequency_penalty=None, stop=None,
-                  include_stop_str_in_output=False, json_schema=None, regex=None, grammar=None,
-                  token_healing=False) -> list[Request]:  # fmt: skip
-    """The requests of one `Engine.generate` call (its keywords, validated; one-line GenerationError otherwise)."""
+def make_requests(engine, prompts, settings: GenerationSettings, on_tokens=None) -> list[Request]:
+    """The requests of ``prompts`` with one (validated) set of settings; the engine gives the model's facts and
+    defaults: its config, tokenizer, assistant and draft mode. ``on_tokens(i, ids)`` streams prompt i's tokens."""
     cfg = engine.cfg
     prompts = check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
-    params = SamplingParams(temperature, top_k, top_p, min_p).validate()
-    pen = Penalties(*(d if v is None else v for v, d in ((repetition_penalty, 1.0), (presence_penalty, 0.0),
-                                                         (frequency_penalty, 0.0)))).validate()  # fmt: skip
-    stop_strs, source = check_stop_strings(stop), grammar_source(json_schema, regex, grammar)
+    s = settings.validate()
+    penalties = s.penalties
+    stop_strs = check_stop_strings(s.stop)
+    source = grammar_source(s.json_schema, s.regex, s.grammar)
     controls = [NO_CONTROLS] * len(prompts)
-    if source is not None or token_healing or pen.active:
-        tok = engine.tokenizer if source is not None or token_healing else None
-        made = make_controls(prompts, tok, cfg.vocab_size, cfg.eos_token_ids, pen, source, token_healing)
-        prompts, controls = [m[0] for m in made], [m[1] for m in made]
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
-    k = engine.default_num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise GenerationError(f"num_speculative_tokens = {k!r}, expected an integer >= 1")
-    k = k if engine.assistant is not None and use_assistant else 0
-    mode = check_draft_mode(engine.draft_mode if draft_mode is None else draft_mode)
-    stops = frozenset(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids)
-    gens = make_generators(seed, len(prompts))
+    if source is not None or s.token_healing or penalties.active:
+        tok = engine.tokenizer if source is not None or s.token_healing else None
+        made = make_controls(prompts, tok, cfg.vocab_size, cfg.eos_token_ids, penalties, source, s.token_healing)
+        prompts = [m[0] for m in made]
+        controls = [m[1] for m in made]
+    k = engine.default_num_speculative_tokens if s.num_speculative_tokens is None else s.num_speculative_tokens
+    if engine.assistant is None or not s.use_assistant:
+        k = 0
+    mode = engine.draft_mode if s.draft_mode is None else s.draft_mode
+    stops = frozenset(cfg.eos_token_ids if s.stop_token_ids is None else s.stop_token_ids)
+    gens = make_generators(s.seed, len(prompts))
     tok = engine.tokenizer if stop_strs else None
+    callback = None if on_tokens is None else (lambda r, new: on_tokens(r.index, new))
     reqs = []
     for i, (p, c, g) in enumerate(zip(prompts, controls, gens)):
-        st = StopStrings(tok, stop_strs, include_stop_str_in_output, c.healed) if stop_strs else None
-        cb = None if on_tokens is None else (lambda r, new: on_tokens(r.index, new))
-        reqs.append(Request(p, params, k, mode, g, stops, max_new_tokens, c, st, cb, index=i))
+        stop_strings = StopStrings(tok, stop_strs, s.include_stop_str_in_output, c.healed) if stop_strs else None
+        request = Request(
+            p,
+            params=s.sampling,
+            k=k,
+            draft_mode=mode,
+            gen=g,
+            stops=stops,
+            max_new=s.max_new_tokens,
+            max_len=cfg.max_position_embeddings,
+            controls=c,
+            stop_strings=stop_strings,
+            on_tokens=callback,
+            index=i,
+        )
+        reqs.append(request)
     return reqs

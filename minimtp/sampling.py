@@ -27,6 +27,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minimtp.errors import GenerationError
@@ -186,8 +187,6 @@ def make_generators(seed: int | list[int] | None, n: int) -> list[torch.Generato
     that sequence 0 of ``seed=seed[i]`` gets, so a prompt's tokens do not depend on the batch it is in.
     None: a fresh nondeterministic seed each. Same seed, same tokens.
     """
-    import numpy as np
-
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
             raise GenerationError(f"seed is a list of {len(seed)} seeds for {n} prompts: expected one per prompt")

@@ -1,15 +1,17 @@
-"""Continuous batching: requests join and leave the batch between rounds.
+"""Continuous batching: requests join and leave the batch between steps. The scheduler decides; the engine runs.
 
-One :meth:`Scheduler.step` (docs: serving, "How the scheduler works"):
+One step flows one way (docs: serving, "How the scheduler works"):
 
-    retire    cancelled requests; free their KV blocks
-    admit     waiting requests, oldest first, while the batch has room (``max_num_seqs``), the step's token budget
-              allows their prompt, and the KV pool has blocks for it; prefill them in one packed forward
-    reserve   blocks for every running request's round (pending token + its drafts); when the pool is full, the
-              newest request is preempted: its blocks are freed and it waits again at the front, to be recomputed
-              from prompt + tokens so far (its generated tokens and random stream are kept)
-    round     one draft / verify / accept round for every running request together (`Engine._round`)
-    retire    the finished ones
+    plan = scheduler.schedule()              retire cancelled requests; admit waiting ones, or reserve the round
+    result = engine.execute(plan, cache)     prefill the admitted requests, or run one round for the running ones
+    finished = scheduler.postprocess(plan, result)   append each request's tokens, count, retire the finished
+
+`schedule` first reserves blocks for every running request's next round (pending token + its drafts). If they fit,
+it admits waiting requests, oldest first, while the batch has room (``max_num_seqs``), the step's token budget
+allows their prompt, and the KV pool has blocks left for it: that step prefills them. Otherwise the step is a
+round for the running requests; when the pool cannot hold their rounds, the newest request is preempted: its
+blocks are freed and it waits again at the front, to be recomputed from prompt + tokens so far (its generated
+tokens and random stream are kept).
 
 A request's tokens depend only on its own settings and random stream, never on its batchmates: every per-row draw
 comes from its own generator, in the same order whatever the batch (sampling.py).
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from minimtp.errors import CacheFullError, GenerationError
+from minimtp.kv_cache import KVCache
 from minimtp.request import Request
 from minimtp.stats import Stats
 
@@ -30,11 +35,48 @@ class QueueFullError(GenerationError):
     """The waiting queue is at ``max_waiting``: try again later (HTTP 503)."""
 
 
+@dataclass
+class Plan:
+    """One step's work order. Either ``prefill`` (newly admitted requests: their prompts, or prompt + tokens so far
+    after a preemption) or ``decode`` (running requests, one round each, blocks reserved) is non-empty, or
+    neither. ``retired``: requests cancelled before the step, already off the batch."""
+
+    prefill: list[Request] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    retired: list[Request] = field(default_factory=list)
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.prefill or self.decode
+
+
+@dataclass
+class StepResult:
+    """What the engine did with a plan, one entry per planned request (in ``Plan.requests`` order): the tokens it
+    emitted (a preempted request's prefill emits none; stop tokens and strings are cut by `Request.append`), the
+    drafts proposed and accepted in a round, and the wall time of drafting and of the target's forwards."""
+
+    tokens: list[list[int]]
+    drafted: list[int]
+    accepted: list[int]
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
 class Scheduler:
-    def __init__(self, engine, cache, *, max_num_seqs: int = 256, max_waiting: int | None = None,
-                 max_tokens_per_step: int | None = None):  # fmt: skip
-        self.engine, self.cache, self.stats = engine, cache, Stats()
-        self.max_num_seqs, self.max_waiting, self.budget = max_num_seqs, max_waiting, max_tokens_per_step
+    def __init__(
+        self,
+        cache: KVCache,
+        *,
+        max_num_seqs: int = 256,
+        max_waiting: int | None = None,
+        max_tokens_per_step: int | None = None,
+    ):
+        self.cache = cache
+        self.stats = Stats()
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting
+        self.budget = max_tokens_per_step
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.lock = threading.Lock()  # add() and cancel() may come from other threads
@@ -56,21 +98,32 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> list[Request]:
-        """One scheduling step (module docstring). Returns the requests that finished in it."""
-        finished = self._retire()
-        new = self._admit()
-        if new:
-            self.engine._prefill(self, new)
-            self.stats.prefill_steps += 1
-        active = self._reserve([r for r in self.running if r.done is None])
-        if active:
-            self.engine._round(self, active)
-        return finished + self._retire()
+    def schedule(self) -> Plan:
+        """The next step's plan (module docstring)."""
+        retired = self._retire()
+        if self.waiting and self._reserve_rounds():  # the running requests' rounds come first
+            new = self._admit()
+            if new:
+                return Plan(prefill=new, retired=retired)
+        return Plan(decode=self._reserve(list(self.running)), retired=retired)
 
-    def run(self) -> None:
-        while self.has_work:
-            self.step()
+    def postprocess(self, plan: Plan, result: StepResult) -> list[Request]:
+        """Apply ``result``: each request's tokens and counters; returns the requests that finished in the step
+        (their blocks are free)."""
+        now = time.perf_counter()
+        if plan.prefill:
+            self.stats.prefill_steps += 1
+        for b, r in enumerate(plan.requests):
+            if plan.decode:
+                self.stats.count_round(result.drafted[b], result.accepted[b], forward=b == 0)  # one batched forward
+                r.stats.count_round(result.drafted[b], result.accepted[b])
+            first = not r.out
+            r.append(result.tokens[b])
+            if first and r.out:
+                r.stats.ttft_s = now - r.arrival
+        self.stats.draft_s += result.draft_s
+        self.stats.verify_s += result.verify_s
+        return plan.retired + self._retire()
 
     def _retire(self) -> list[Request]:
         done = []
@@ -90,7 +143,7 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         new: list[Request] = []
-        used = sum(r.k + 1 for r in self.running)
+        used = 0
         while self.waiting and len(self.running) + len(new) < self.max_num_seqs:
             r = self.waiting[0]
             n = len(r.prompt) + max(len(r.out) - 1, 0)  # a preempted request recomputes its tokens too
@@ -108,9 +161,20 @@ class Scheduler:
                 self.waiting.popleft()
             new.append(r)
             used += n
-            self.stats.prompt_tokens += len(r.prompt) if not r.out else 0
+            if not r.out:
+                self.stats.prompt_tokens += len(r.prompt)
+                r.stats.prompt_tokens = len(r.prompt)
         self.running += new
         return new
+
+    def _reserve_rounds(self) -> bool:
+        """Blocks for every running request's next round, if the pool has them (then what is left may admit)."""
+        try:
+            for r in self.running:
+                self.cache.reserve(r.id, r.cache_len + r.k + 1)
+        except CacheFullError:
+            return False
+        return True
 
     def _reserve(self, active: list[Request]) -> list[Request]:
         """Blocks for each request's round; preempt the newest while the pool cannot hold them all."""
@@ -130,6 +194,7 @@ class Scheduler:
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
         self.cache.release(r.id)
-        r.cache_len, r.hidden = 0, None
+        r.cache_len = 0
+        r.hidden = None
         with self.lock:
             self.waiting.appendleft(r)

@@ -366,7 +366,7 @@ SCHED_REQUESTS = [  # name, arrival step, prompt tokens, max new tokens, k (0 = 
 
 def scheduler_timeline_states(num_blocks: int = 10, block_size: int = 4, max_num_seqs: int = 3) -> dict:
     """Drive the real Scheduler (admit, reserve + preempt, retire, over a real KVCache of ``num_blocks`` blocks)
-    through SCHED_REQUESTS with a stand-in engine: the bookkeeping of Engine._prefill / Engine._round (cache length,
+    through SCHED_REQUESTS with a stand-in engine: the bookkeeping of Engine.prefill / Engine.round (cache length,
     rollback, budget) with the scripted number of accepted drafts instead of the models. Returns per request the
     label of each step ("waiting", "prefill", "recompute", "preempted", the tokens a round emitted) and the step it
     retired in, and the KV blocks held during each step's round."""
@@ -374,7 +374,7 @@ def scheduler_timeline_states(num_blocks: int = 10, block_size: int = 4, max_num
     from minimtp.config import load_text_config
     from minimtp.kv_cache import KVCache
     from minimtp.request import Request
-    from minimtp.scheduler import Scheduler
+    from minimtp.scheduler import Scheduler, StepResult
 
     cfg = load_text_config(os.path.join(os.path.dirname(minimtp.__file__), "default_model", "target"))
     cache = KVCache(cfg, {t: num_blocks for t in set(cfg.layer_types)}, block_size)
@@ -383,32 +383,34 @@ def scheduler_timeline_states(num_blocks: int = 10, block_size: int = 4, max_num
     held, running, kept, step = {}, {}, {}, 0
     mark = lambda r, label: cells[r.index].setdefault(step, []).append(label)
 
-    def emit(r, n):
-        n = min(n, r.max_new - len(r.out))
-        r.out += [0] * n  # token ids do not matter to the scheduler
-        r.done = "length" if len(r.out) >= r.max_new else None
-        return n
-
     class Scripted:
-        def _prefill(self, run, seqs):
-            for r in seqs:
-                mark(r, "recompute" if r.out else "prefill")
-                r.cache_len = len(r.prompt) + max(len(r.out) - 1, 0)  # a preempted request keeps its tokens
-                if not r.out:
-                    emit(r, 1)
+        """The engine's bookkeeping (cache length, rollback, budget) with the scripted number of accepted drafts
+        instead of the models; token ids do not matter to the scheduler."""
 
-        def _round(self, run, active):
-            held[step], running[step] = cache.num_blocks[pool] - len(cache.free_blocks[pool]), len(active)
-            for r in active:
+        def execute(self, plan, _cache):
+            if plan.prefill:
+                for r in plan.prefill:
+                    mark(r, "recompute" if r.out else "prefill")
+                    r.cache_len = len(r.prompt) + max(len(r.out) - 1, 0)  # a preempted request keeps its tokens
+                tokens = [[] if r.out else [0] for r in plan.prefill]
+                return StepResult(tokens, [0] * len(tokens), [0] * len(tokens))
+            held[step] = cache.num_blocks[pool] - len(cache.free_blocks[pool])
+            running[step] = len(plan.decode)
+            ks, accepted, tokens = [], [], []
+            for r in plan.decode:
                 k = max(0, min(r.k, r.max_new - len(r.out) - 1))
                 script = SCHED_REQUESTS[r.index][5]
                 n = min(k, script[r.stats.draft_rounds % len(script)])
-                r.stats.draft_rounds += 1
                 r.cache_len += 1 + n
-                run.cache.truncate(r.id, r.cache_len)  # roll back the rejected drafts
-                mark(r, f"+{emit(r, n + 1)}")
+                cache.truncate(r.id, r.cache_len)  # roll back the rejected drafts
+                mark(r, f"+{min(n + 1, r.max_new - len(r.out))}")
+                ks.append(k)
+                accepted.append(n)
+                tokens.append([0] * (n + 1))
+            return StepResult(tokens, ks, accepted)
 
-    sched = Scheduler(Scripted(), cache, max_num_seqs=max_num_seqs)
+    engine = Scripted()
+    sched = Scheduler(cache, max_num_seqs=max_num_seqs)
     real_preempt = sched._preempt
 
     def preempt(r):
@@ -424,7 +426,8 @@ def scheduler_timeline_states(num_blocks: int = 10, block_size: int = 4, max_num
             if spec[1] == step:
                 sched.add(r)
         waiting = set(sched.waiting)
-        for r in sched.step():
+        plan = sched.schedule()
+        for r in sched.postprocess(plan, engine.execute(plan, cache)):
             retired[r.index] = step
         for r in reqs:
             if (r in waiting or r in sched.waiting) and step not in cells[r.index]:

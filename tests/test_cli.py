@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from minimtp import generate
-from minimtp.generate import DEFAULT_DIR, main
+from minimtp.flags import DEFAULT_DIR
+from minimtp.generate import main
 
 HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
 pytestmark = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")
@@ -172,7 +173,7 @@ def test_12b_shaped_pair(capsys, tmp_path):
         (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0"),
         (["--prompt", "x", "--top-k", "-3"], "top_k=-3"),
         (["--prompt", "x", "--min-p", "1.5"], "min_p=1.5"),
-        (["--prompt", "x", "-k", "0"], "num_speculative_tokens = 0"),
+        (["--prompt", "x", "-k", "0"], "num_speculative_tokens=0"),
         (["--prompt", "x", "--dtype", "int8"], "unsupported dtype 'int8'"),
         (["--prompt", "x", "--draft-dtype", "int4"], "unsupported assistant dtype 'int4'"),
         (["--prompt", ""], "the prompt is empty"),
@@ -215,7 +216,7 @@ def test_python_dash_m_exit_codes():
 
 
 def test_stats_line_format():
-    from minimtp.engine import Stats
+    from minimtp.stats import Stats
 
     s = Stats(generated_tokens=10, drafted=8, accepted=6, draft_rounds=2, target_steps=3, elapsed_s=1.0)
     line = generate.stats_line(s)

@@ -18,12 +18,13 @@ from tiny_tokenizer import char_tokenizer
 
 import minimtp
 from minimtp.controls import Controls, Penalties, apply_penalties, make_controls
+from minimtp.controls.grammar import Grammar, check_schema_keys, grammar_source
+from minimtp.controls.stop_strings import StopStrings, check_stop_strings
+from minimtp.controls.token_healing import TokenHealing, heal_prompt, vocab_bytes
 from minimtp.errors import GenerationError
-from minimtp.generate import DEFAULT_DIR, load_tokenizer
-from minimtp.grammar import Grammar, check_schema_keys, grammar_source
+from minimtp.flags import DEFAULT_DIR
 from minimtp.sampling import make_generators
-from minimtp.stop_strings import StopStrings, check_stop_strings
-from minimtp.token_healing import TokenHealing, heal_prompt, vocab_bytes
+from minimtp.tokenizer import load_tokenizer
 
 HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
 needs_pair = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")

@@ -28,9 +28,9 @@ from tiny_tokenizer import char_tokenizer
 import minimtp.engine as engine_mod
 import minimtp.request as request_mod
 from minimtp.controls import Penalties, make_controls
-from minimtp.grammar import grammar_source
+from minimtp.controls.grammar import grammar_source
+from minimtp.controls.stop_strings import StopStrings
 from minimtp.sampling import SamplingParams, process_logits
-from minimtp.stop_strings import StopStrings
 
 ALPHA = 1e-4
 N = 3000

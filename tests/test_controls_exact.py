@@ -26,9 +26,9 @@ from tiny_tokenizer import char_tokenizer
 from toy_models import make_pair
 
 from minimtp.controls import Controls, Penalties, make_controls
-from minimtp.grammar import grammar_source
+from minimtp.controls.grammar import grammar_source
+from minimtp.controls.stop_strings import StopStrings
 from minimtp.sampling import SamplingParams, process_logits
-from minimtp.stop_strings import StopStrings
 
 TOKENS = ["<eos>", "a", "b", "ab", "c"]
 V, N_TOKENS, PROMPT = len(TOKENS), 3, (1, 3)

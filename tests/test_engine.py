@@ -189,8 +189,8 @@ def test_chunked_prefill_gives_the_same_tokens(models, plain, chunk):
 
 @pytest.mark.parametrize("family", ["e2b", "unified_shared", "dense"])
 def test_prefill_runs_kv_shared_layers_on_last_rows(models, family):
-    """``run(..., logit_rows="last")`` (the prefill: KV-shared layers on each sequence's last row only) gives the
-    hidden states and logits of the full forward's last rows, and writes the same K/V."""
+    """``prefill`` (KV-shared layers on each sequence's last row only) gives the hidden states and logits of the
+    full forward's (``run``) last rows, and writes the same K/V."""
     from minimtp.attention import PagedContext, paged_attention
     from minimtp.kv_cache import KVCache
 
@@ -204,7 +204,8 @@ def test_prefill_runs_kv_shared_layers_on_last_rows(models, family):
         ctx = PagedContext(cache, paged_attention, [0, 1, 2], [0, 0, 0], [len(p) for p in PROMPTS])
         ids = torch.tensor([t for p in PROMPTS for t in p])
         pos = torch.cat([torch.arange(len(p)) for p in PROMPTS])
-        outs[rows], caches[rows] = target.run(ids, pos, ctx, logit_rows=rows), cache
+        forward = target.run if rows == "all" else target.prefill
+        outs[rows], caches[rows] = forward(ids, pos, ctx), cache
     last = torch.tensor([len(p) for p in PROMPTS]).cumsum(0) - 1
     assert outs["last"].hidden.shape[0] == 3
     torch.testing.assert_close(outs["last"].hidden, outs["all"].hidden[last], rtol=0, atol=1e-5)

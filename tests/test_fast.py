@@ -162,7 +162,6 @@ def test_round_context_equals_paged_context(saved):
     from minimtp.engine import Engine
     from minimtp.kv_cache import KVCache
     from minimtp.request import Request
-    from minimtp.scheduler import Scheduler
 
     target = minimtp.load_target(saved("e2b")[0])
     assistant = minimtp.load_assistant(saved("e2b")[1], target)
@@ -170,11 +169,11 @@ def test_round_context_equals_paged_context(saved):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 17, 40)]
     cache = KVCache.for_requests(target.config, [len(p) for p in prompts], 8, 4, keep=9, block_size=4)
-    run = Scheduler(engine, cache)
     seqs = [Request(p, k=4, max_new=8, id=i) for i, p in enumerate(prompts)]
     for s in seqs:
         cache.add(s.id)
-    out, cu = engine._target_forward(run, seqs, [s.prompt for s in seqs])
+        cache.reserve(s.id, len(s.prompt))
+    out, cu = engine._target_forward(cache, seqs, [s.prompt for s in seqs])
     for s in seqs:
         s.cache_len = len(s.prompt)
         cache.trim_window(s.id, s.cache_len)  # freed blocks must not be read by either context

@@ -12,10 +12,12 @@ import torch
 
 import minimtp
 from minimtp.errors import CacheFullError
-from minimtp.generate import DEFAULT_DIR, load_tokenizer
+from minimtp.flags import DEFAULT_DIR
 from minimtp.kv_cache import KVCache
 from minimtp.request import make_requests
 from minimtp.scheduler import QueueFullError, Scheduler
+from minimtp.settings import GenerationSettings
+from minimtp.tokenizer import load_tokenizer
 
 HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
 pytestmark = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")
@@ -48,7 +50,7 @@ def alone(i: int) -> tuple[int, ...]:
 
 
 def request(i: int):
-    [r] = make_requests(engine(), [ids(i)], **SETTINGS[i])
+    [r] = make_requests(engine(), [ids(i)], GenerationSettings(**SETTINGS[i]))
     return r
 
 
@@ -62,19 +64,26 @@ def all_free(cache: KVCache) -> bool:
 
 
 @torch.inference_mode()
+def step(sched: Scheduler) -> list:
+    """One step, as the engine and the server run it: schedule, execute, postprocess."""
+    plan = sched.schedule()
+    return sched.postprocess(plan, engine().execute(plan, sched.cache))
+
+
+@torch.inference_mode()
 def run(sched: Scheduler, arrivals: dict[int, list[int]]) -> dict[int, tuple[int, ...]]:
     """Add request i at step s for s, [i...] in arrivals; step until done. {i: tokens}."""
-    reqs, step = {}, 0
-    while step <= max(arrivals) or sched.has_work:
-        for i in arrivals.get(step, []):
+    reqs, n = {}, 0
+    while n <= max(arrivals) or sched.has_work:
+        for i in arrivals.get(n, []):
             reqs[i] = sched.add(request(i))
-        sched.step()
-        step += 1
+        step(sched)
+        n += 1
     return {i: tuple(r.out) for i, r in reqs.items()}
 
 
 def test_mixed_settings_in_one_batch_equal_each_alone():
-    sched = Scheduler(engine(), pool(400))
+    sched = Scheduler(pool(400))
     got = run(sched, {0: list(range(len(PROMPTS)))})
     for i in range(len(PROMPTS)):
         assert got[i] == alone(i), (i, SETTINGS[i])
@@ -82,14 +91,14 @@ def test_mixed_settings_in_one_batch_equal_each_alone():
 
 
 def test_requests_joining_between_rounds_equal_each_alone():
-    sched = Scheduler(engine(), pool(400), max_num_seqs=3)
+    sched = Scheduler(pool(400), max_num_seqs=3)
     got = run(sched, {0: [0, 1], 2: [2], 3: [3, 4]})  # 4 waits for a free slot (max_num_seqs = 3)
     assert got == {i: alone(i) for i in range(len(PROMPTS))}
     assert sched.stats.prefill_steps >= 3 and all_free(sched.cache)
 
 
 def test_token_budget_spreads_admission_over_steps():
-    sched = Scheduler(engine(), pool(400), max_tokens_per_step=12)
+    sched = Scheduler(pool(400), max_tokens_per_step=12)
     got = run(sched, {0: list(range(len(PROMPTS)))})
     assert got == {i: alone(i) for i in range(len(PROMPTS))}
     assert sched.stats.prefill_steps >= 3
@@ -98,7 +107,7 @@ def test_token_budget_spreads_admission_over_steps():
 def test_a_full_pool_preempts_and_recomputes():
     """A pool too small for all five at once: the newest is preempted (its blocks freed, recomputed later from
     prompt + tokens so far), and every request still gets exactly its tokens."""
-    sched = Scheduler(engine(), pool(24))
+    sched = Scheduler(pool(24))
     preempted = []
     orig = sched._preempt
     sched._preempt = lambda r: (preempted.append(r.index), orig(r))
@@ -109,25 +118,25 @@ def test_a_full_pool_preempts_and_recomputes():
 
 
 def test_cancel_frees_the_blocks_and_spares_the_others():
-    sched = Scheduler(engine(), pool(400))
+    sched = Scheduler(pool(400))
     reqs = [sched.add(request(i)) for i in range(3)]
     with torch.inference_mode():
-        sched.step()
+        step(sched)
         sched.cancel(reqs[1])
         while sched.has_work:
-            sched.step()
+            step(sched)
     assert reqs[1].done == "abort" and len(reqs[1].out) < 12
     assert tuple(reqs[0].out) == alone(0) and tuple(reqs[2].out) == alone(2)
     assert all_free(sched.cache)
 
 
 def test_queue_limit_and_a_request_that_can_never_fit():
-    sched = Scheduler(engine(), pool(400), max_waiting=2)
+    sched = Scheduler(pool(400), max_waiting=2)
     sched.add(request(0))
     sched.add(request(1))
     with pytest.raises(QueueFullError, match="waiting queue is full"):
         sched.add(request(2))
-    tiny = Scheduler(engine(), pool(2))
+    tiny = Scheduler(pool(2))
     tiny.add(request(2))
     with pytest.raises(CacheFullError, match="is full"):
-        tiny.step()
+        step(tiny)

@@ -19,7 +19,8 @@ import time
 import pytest
 
 import minimtp
-from minimtp.generate import DEFAULT_DIR, load_tokenizer
+from minimtp.flags import DEFAULT_DIR
+from minimtp.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

@@ -102,7 +102,7 @@ class LoggingContext(DenseContext):
 
 ctx = LoggingContext(cfg, 1, T)
 with torch.no_grad():
-    out = target.run(ids, torch.arange(T), ctx, logit_rows="all")
+    out = target.run(ids, torch.arange(T), ctx)
 for i in range(cfg.num_layers):
     print(f"layer {i}: q {shapes[i]['q']}  out {shapes[i]['o']}")
 for i, ks, vs in shapes["stored"]:

@@ -201,7 +201,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _, _, tok, (_, _, engine) = load_bench_pair(args)
-        engine._tokenizer = tok
         rows = run_controls(engine, tok, args)
         js = json_acceptance(engine, tok, args)
         real = real_vocab_ms()

@@ -31,7 +31,8 @@ import torch
 from minimtp import Engine, load_assistant, load_target
 from minimtp.errors import MinimtpError
 from minimtp.fast import FastEngine
-from minimtp.generate import DEFAULT_DIR, load_tokenizer
+from minimtp.flags import DEFAULT_DIR
+from minimtp.tokenizer import load_tokenizer
 
 PACKAGE = Path(__file__).resolve().parents[1]  # minimtp/: its source files make the long prompts
 TAIL = 256  # every prompt ends with the same tokens, so acceptance compares like with like

@@ -38,8 +38,9 @@ from minimtp.bench.timing import load_bench_pair
 from minimtp.config import load_assistant_config
 from minimtp.errors import MinimtpError
 from minimtp.fast import weights_dtype
-from minimtp.generate import DEFAULT_DIR, load_tokenizer
+from minimtp.flags import DEFAULT_DIR
 from minimtp.serve import build_parser as serve_parser
+from minimtp.tokenizer import load_tokenizer
 
 # the model-pair flags of python -m minimtp.serve (and .generate), passed on to the server
 PAIR = (

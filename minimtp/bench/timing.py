@@ -16,9 +16,10 @@ import torch
 from minimtp.attention import DraftPagedContext, PagedContext, get_attention_backend
 from minimtp.errors import ConfigError
 from minimtp.fast.top_p import process_logits as fast_process_logits
-from minimtp.generate import DEFAULT_DIR, load_pair, load_tokenizer
+from minimtp.flags import DEFAULT_DIR, load_pair
 from minimtp.kv_cache import KVCache
 from minimtp.sampling import SamplingParams, process_logits
+from minimtp.tokenizer import load_tokenizer
 
 
 def median_ms(fn, reps: int) -> float:
@@ -52,7 +53,7 @@ def prefilled_cache(target, past: int, room: int, attention_backend: str = "torc
         cache.reserve(0, start + count)
         ctx = PagedContext(cache, attend, [0], [start], [count])
         pos = torch.arange(start, start + count, device=weight.device)
-        return target.run(ids[start : start + count], pos, ctx, logit_rows="all")
+        return target.run(ids[start : start + count], pos, ctx)
 
     with torch.inference_mode():
         hidden = forward(0, past).hidden[-1:]
@@ -122,4 +123,5 @@ def load_bench_pair(args):
         if args.model:
             raise ConfigError("--assistant DIR is required with --model")
         asst_dir = os.path.join(DEFAULT_DIR, "assistant")
-    return model_dir, asst_dir, load_tokenizer(model_dir), load_pair(model_dir, asst_dir, args)
+    tokenizer = load_tokenizer(model_dir)
+    return model_dir, asst_dir, tokenizer, load_pair(model_dir, asst_dir, args, tokenizer=tokenizer)

@@ -24,7 +24,9 @@ class DraftRoundContext:
     Same constructor as the reference; ``backend`` is not used (the gathered keys are attended densely)."""
 
     def __init__(self, cache: KVCache, draft_cfg: TextConfig, backend, seqs: list[int], positions: list[int]):
-        self.dcfg, self.kv, self.mask = draft_cfg, {}, {}
+        self.dcfg = draft_cfg
+        self.kv = {}
+        self.mask = {}
         bs = cache.block_size
         for t in sorted(set(draft_cfg.layer_types)):
             src = cache.cfg.store_layer(t)

@@ -29,7 +29,8 @@ class FusedRMSNorm(nn.Module):
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
-        self.eps, self.weight = norm.eps, norm.weight
+        self.eps = norm.eps
+        self.weight = norm.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None and self.weight.dtype != x.dtype:
@@ -64,7 +65,9 @@ class FusedAttention(nn.Module):
         return self.o_proj(o.reshape(T, self.nh * self.d))
 
     def _qkv_heads(self, x: torch.Tensor, cos, sin):
-        T, nq, nk = x.shape[0], self.nh, self.kvh
+        T = x.shape[0]
+        nq = self.nh
+        nk = self.kvh
         h = self.qkv(x).view(T, nq + 2 * nk, self.d)
         w = self.head_norm_weights()
         h = (F.rms_norm(h.float(), (self.d,), None, self.q_norm.eps) * w).to(x.dtype)
@@ -87,8 +90,11 @@ class FusedMLP(nn.Module):
 
     def __init__(self, mlp: MLP, gate_up: nn.Module):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.approximate, self.gate_up = mlp.approximate, gate_up
+        self.gate_proj = mlp.gate_proj
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.approximate = mlp.approximate
+        self.gate_up = gate_up
 
     def forward(self, x):
         g, u = self.gate_up(x).chunk(2, dim=-1)

@@ -39,7 +39,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features = w.shape[1]
+        self.out_features = w.shape[0]
         # the packed kernel needs K % 16 == 0 (other K crash or return NaN in torch 2.13); keep a margin
         self.use_kernel = self.in_features % 32 == 0 and _has_kernel() and w.device.type == "cpu"
 

@@ -45,11 +45,13 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: nn.Parameter | torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.weight = weight
+        self.bias = bias
         self.out_features, self.in_features = weight.shape
         self.sizes = [self.out_features]
         self.__dict__["_sources"] = [(weight, bias)]
-        self._packed, self._version = None, None
+        self._packed = None
+        self._version = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:

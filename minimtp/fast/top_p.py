@@ -43,7 +43,10 @@ def apply_top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
         pr = p if len(rows) == len(p) else p[rows]
         top = torch.topk(pr, m, sorted=False).values  # the m largest p of each row, in no order
         ready = top.double().sum(-1) >= top_p + 2 * MARGIN  # C holds at least these: worth ordering
-        sub, kth, rows, m = rows[ready], top[ready].amin(-1, keepdim=True), rows[~ready], 2 * m
+        sub = rows[ready]
+        kth = top[ready].amin(-1, keepdim=True)
+        rows = rows[~ready]
+        m = 2 * m
         if len(sub):
             ps, ids, cum = _nucleus(pr[ready], kth)
             done = cum[:, -1] >= top_p + MARGIN

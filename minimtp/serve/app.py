@@ -1,4 +1,4 @@
-"""``python -m minimtp.serve``: an OpenAI-compatible HTTP server with continuous batching and speculative decoding.
+"""The OpenAI-compatible HTTP app (FastAPI) around a started serving loop (loop.py).
 
 Endpoints (OpenAI's formats; docs: guides/serving): ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
 tokenizer's chat template), both with ``"stream": true`` (server-sent events, then ``data: [DONE]``),
@@ -6,15 +6,12 @@ tokenizer's chat template), both with ``"stream": true`` (server-sent events, th
 stops, penalties and grammar (``response_format`` for chat; vLLM's ``guided_json`` / ``guided_regex`` /
 ``guided_grammar`` for both) and their own ``num_speculative_tokens`` (0 = plain). Errors are OpenAI error objects:
 400 for bad parameters, 401 without the ``--api-key``, 404 for an unknown model, 503 + Retry-After for a full queue.
-With no model flags it serves the embedded default pair.
+Each body becomes one `GenerationSettings` (settings.py) and one request.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 import uuid
 
@@ -25,10 +22,11 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict
 from sse_starlette.sse import EventSourceResponse
 
+from minimtp.controls.stop_strings import StopStrings, TextStream
 from minimtp.errors import MinimtpError
 from minimtp.request import make_requests
 from minimtp.scheduler import QueueFullError
-from minimtp.stop_strings import StopStrings, TextStream
+from minimtp.settings import GenerationSettings
 
 
 class _Body(BaseModel):
@@ -82,14 +80,25 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param=
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400, param=None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status = status
+        self.param = param
 
 
-def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_len: int, api_key: str | None = None,
-              defaults: dict | None = None) -> FastAPI:  # fmt: skip
-    """The FastAPI app around a started :class:`~minimtp.serving.ServingEngine`."""
+def build_app(
+    serving,
+    tokenizer,
+    model_name: str,
+    *,
+    default_k: int,
+    max_model_len: int,
+    api_key: str | None = None,
+    defaults: dict | None = None,
+) -> FastAPI:
+    """The FastAPI app around a started :class:`~minimtp.serve.loop.ServingEngine`. ``defaults``: sampling
+    settings for the fields a body leaves out (``--generation-config``)."""
     app = FastAPI(title="minimtp", docs_url=None, redoc_url=None)
-    engine, defaults = serving.engine, defaults or {}
+    engine = serving.engine
+    defaults = defaults or {}
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -106,8 +115,8 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
 
     @app.exception_handler(BadRequest)
     async def bad(_request, exc: BadRequest):
-        return error(exc.status, str(exc), "not_found_error" if exc.status == 404 else "invalid_request_error",
-                     exc.param)  # fmt: skip
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return error(exc.status, str(exc), kind, exc.param)
 
     @app.get("/health")
     async def health():
@@ -119,41 +128,68 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "minimtp",
-                "max_model_len": max_model_len}  # fmt: skip
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "minimtp",
+            "max_model_len": max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
-    def settings(body: _Body, max_tokens: int | None, grammar_kw: dict, max_name: str = "max_tokens") -> dict:
+    def settings(body: _Body, max_tokens: int | None, grammar: dict, max_name: str = "max_tokens"):
+        """The body's GenerationSettings (``grammar``: the chat endpoint's response_format, as a settings field)."""
         if body.model is not None and body.model != model_name:
             raise BadRequest(f"model {body.model!r} does not exist (this server serves {model_name!r})", 404, "model")
-        if max_tokens is not None and max_tokens < 1:  # the API's name, not Engine.generate's max_new_tokens
+        if max_tokens is not None and max_tokens < 1:  # the API's name, not GenerationSettings' max_new_tokens
             raise BadRequest(f"{max_name}={max_tokens}: expected an integer >= 1", param=max_name)
         if body.n != 1:
             raise BadRequest(f"n={body.n} is not supported: expected 1", param="n")
         k = default_k if body.num_speculative_tokens is None else body.num_speculative_tokens
         if k < 0:
             raise BadRequest(f"num_speculative_tokens={k}: expected an integer >= 0 (0 = plain)")
-        kw = dict(max_new_tokens=16 if max_tokens is None else max_tokens, temperature=body.temperature)
-        top_k = None if body.top_k in (-1, 0) else body.top_k  # vLLM: -1 = off
-        for name, v in (("top_k", top_k), ("top_p", body.top_p), ("min_p", body.min_p),
-                        ("repetition_penalty", body.repetition_penalty)):  # fmt: skip
-            kw[name] = defaults.get(name) if v is None else v  # the body, else --generation-config's
-        kw.update(seed=body.seed, stop=body.stop, include_stop_str_in_output=body.include_stop_str_in_output)
-        kw.update(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
-        kw.update(num_speculative_tokens=max(k, 1), use_assistant=k > 0)
-        kw["stop_token_ids"] = [] if body.ignore_eos else body.stop_token_ids
-        if grammar_kw and any(g is not None for g in (body.guided_json, body.guided_regex, body.guided_grammar)):
+        guided = any(g is not None for g in (body.guided_json, body.guided_regex, body.guided_grammar))
+        if grammar and guided:
             raise BadRequest("response_format and guided_json/guided_regex/guided_grammar given: pass one of them")
-        kw.update(json_schema=body.guided_json, regex=body.guided_regex, grammar=body.guided_grammar)
-        kw.update(grammar_kw, token_healing=body.token_healing)  # response_format (chat)
-        return kw
-
-    def make_request(ids: list[int], kw: dict):
-        if len(ids) + kw["max_new_tokens"] > max_model_len:
-            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({kw['max_new_tokens']}) exceeds the "
-                             f"model's context length ({max_model_len} tokens)", param="max_tokens")  # fmt: skip
+        sampling = {
+            "top_k": None if body.top_k in (-1, 0) else body.top_k,  # vLLM: -1 = off
+            "top_p": body.top_p,
+            "min_p": body.min_p,
+            "repetition_penalty": body.repetition_penalty,
+        }
+        sampling = {name: defaults.get(name) if v is None else v for name, v in sampling.items()}  # else the config's
+        fields = dict(
+            max_new_tokens=16 if max_tokens is None else max_tokens,
+            temperature=body.temperature,
+            **sampling,
+            seed=body.seed,
+            stop=body.stop,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            num_speculative_tokens=max(k, 1),
+            use_assistant=k > 0,
+            stop_token_ids=[] if body.ignore_eos else body.stop_token_ids,
+            json_schema=body.guided_json,
+            regex=body.guided_regex,
+            grammar=body.guided_grammar,
+            token_healing=body.token_healing,
+        )
+        fields.update(grammar)  # response_format (chat), instead of the guided_* fields
         try:
-            [req] = make_requests(engine, [ids], **kw)
+            return GenerationSettings.of(**fields)
+        except MinimtpError as e:
+            raise BadRequest(str(e)) from None
+
+    def make_request(ids: list[int], settings: GenerationSettings):
+        if len(ids) + settings.max_new_tokens > max_model_len:
+            raise BadRequest(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({settings.max_new_tokens}) exceeds the "
+                f"model's context length ({max_model_len} tokens)",
+                param="max_tokens",
+            )
+        try:
+            [req] = make_requests(engine, [ids], settings)
         except MinimtpError as e:
             raise BadRequest(str(e)) from None
         return req
@@ -163,7 +199,8 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
             queue = serving.submit(req)
         except QueueFullError as e:
             return error(503, str(e), "server_busy", headers={"Retry-After": "1"})
-        created, obj = int(time.time()), "chat.completion" if chat else "text_completion"
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
         text = TextStream(req.stop_strings or StopStrings(tokenizer, [], prefix=req.controls.healed))
 
         def choice(delta: str, reason):
@@ -243,8 +280,8 @@ def build_app(serving, tokenizer, model_name: str, *, default_k: int, max_model_
             raise BadRequest(f"messages: cannot apply the chat template ({str(e).splitlines()[0]})") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         name = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # 0 is not "unset"
-        kw = settings(body, getattr(body, name), _response_format(body.response_format), name)
-        return await run(make_request(ids, kw), True, f"chatcmpl-{uuid.uuid4().hex}", len(ids), body.stream)
+        chosen = settings(body, getattr(body, name), _response_format(body.response_format), name)
+        return await run(make_request(ids, chosen), True, f"chatcmpl-{uuid.uuid4().hex}", len(ids), body.stream)
 
     return app
 
@@ -265,76 +302,7 @@ def _response_format(fmt: dict | None) -> dict:
         return {"json_schema": {"type": "object"}}
     if fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict) and "schema" in fmt["json_schema"]:
         return {"json_schema": fmt["json_schema"]["schema"]}
-    raise BadRequest("response_format: expected type text, json_object, or json_schema with json_schema.schema",
-                     param="response_format")  # fmt: skip
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from minimtp.generate import build_parser as generate_parser
-
-    p = argparse.ArgumentParser(prog="python -m minimtp.serve", description=__doc__.split("\n\n")[0])
-    shared = {"--model", "--assistant", "--no-assistant", "--num-speculative-tokens", "--dtype", "--draft-dtype"}
-    shared |= {"--reference", "--draft-mode", "--attention", "--verifier", "--threads", "--generation-config"}
-    for a in generate_parser()._actions:  # the model-pair flags are the CLI's, verbatim
-        if set(a.option_strings) & shared:
-            p._add_action(a)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 503")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per layer type (default: fits "
-                   "max-num-seqs requests of max-model-len)")  # fmt: skip
-    p.add_argument("--api-key", default=os.environ.get("MINIMTP_API_KEY"), help="require Authorization: Bearer KEY")
-    p.add_argument("--served-model-name", default=None)
-    return p
-
-
-def create(args):
-    """(app, serving engine) for parsed ``args`` (used by main and by the tests)."""
-    from minimtp.generate import DEFAULT_DIR, load_pair, load_tokenizer, sampling_settings
-    from minimtp.serving import ServingEngine
-
-    model_dir = args.model or os.path.join(DEFAULT_DIR, "target")
-    asst_dir = None if args.no_assistant else args.assistant or (None if args.model else DEFAULT_DIR + "/assistant")
-    tok = load_tokenizer(model_dir)
-    _, assistant, engine = load_pair(model_dir, asst_dir, args)
-    engine._tokenizer = tok
-    max_len = min(args.max_model_len or engine.cfg.max_position_embeddings, engine.cfg.max_position_embeddings)
-    k = args.num_speculative_tokens
-    k = 0 if assistant is None or k == 0 else (k or engine.default_num_speculative_tokens)
-    blocks = args.num_blocks or args.max_num_seqs * (-(-(max_len + k + 1) // engine.block_size))
-    serving = ServingEngine(engine, blocks, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting)
-    defaults = {}
-    if args.generation_config != "minimtp":
-        defaults = {k: v for k, v in sampling_settings(args, model_dir)[0].items() if k != "temperature"}
-    name = args.served_model_name or (
-        "minimtp-default" if args.model is None else os.path.basename(model_dir.rstrip("/"))
+    raise BadRequest(
+        "response_format: expected type text, json_object, or json_schema with json_schema.schema",
+        param="response_format",
     )
-    app = build_app(serving, tok, name, default_k=k, max_model_len=max_len, api_key=args.api_key, defaults=defaults)
-    return app, serving
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
-    import uvicorn
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        app, serving = create(args)
-    except MinimtpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    serving.start()
-    print(f"minimtp serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        serving.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 
+import llguidance
 import torch
+from llguidance.gbnf_to_lark import any_to_lark
 
 from minimtp.errors import GenerationError
 
@@ -56,9 +58,6 @@ def check_schema_keys(schema, where: str = "#") -> None:
 def grammar_source(json_schema=None, regex: str | None = None, grammar: str | None = None) -> str | None:
     """The llguidance grammar for at most one of: a JSON Schema (dict, or JSON text), a regex, a Lark or GBNF
     grammar (text). None if none is given. Raises GenerationError for two at once or a malformed schema."""
-    import llguidance
-    from llguidance.gbnf_to_lark import any_to_lark
-
     given = [n for n, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if v is not None]
     if len(given) > 1:
         raise GenerationError(f"{' and '.join(given)} given: pass at most one of json_schema, regex, grammar")
@@ -95,7 +94,7 @@ _TOKENIZERS: dict = {}
 
 def llg_tokenizer(tokenizer, vocab_size: int, eos_ids):
     """llguidance's view of a Hugging Face fast tokenizer (about a second at 262k tokens, so cached)."""
-    import llguidance.hf
+    import llguidance.hf  # imports transformers: only when a grammar or token healing needs it
 
     key = (id(tokenizer), vocab_size, tuple(eos_ids))
     if key not in _TOKENIZERS:
@@ -114,19 +113,18 @@ def _unpack(mask: bytes, V: int) -> torch.Tensor:
 
 
 class Grammar:
-    """The grammar constraint of one sequence (`minimtp.controls.Constraint`)."""
+    """The grammar constraint of one sequence (`minimtp.controls.logits.Constraint`)."""
 
     KEEP = 64  # masks kept (positions); older ones are recomputed on request
 
     def __init__(self, tokenizer, source: str, vocab_size: int, eos_ids):
-        import llguidance
-
         llt = llg_tokenizer(tokenizer, vocab_size, eos_ids)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, llt)
         if is_error:
             raise GenerationError(f"invalid grammar: {_first_line(messages[0])}")
         self.matcher = llguidance.LLMatcher(llt, source, log_level=0)
-        self.V, self.eos = vocab_size, set(eos_ids)
+        self.V = vocab_size
+        self.eos = set(eos_ids)
         self.tokens: list[int] = []  # what the matcher has consumed
         self.masks: dict[int, bytes] = {}  # position -> mask after tokens[:position]
 

@@ -29,7 +29,10 @@ class StopStrings:
     first tokens re-spell and that is not part of the continuation (token healing's removed text)."""
 
     def __init__(self, tokenizer, stops: list[str], include: bool = False, prefix: str = ""):
-        self.tokenizer, self.stops, self.include, self.prefix = tokenizer, stops, include, prefix
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.include = include
+        self.prefix = prefix
 
     def text(self, tokens: list[int]) -> str:
         """The continuation: the decoded tokens without special tokens and without the healed prefix."""
@@ -57,7 +60,8 @@ class TextStream:
     cut text."""
 
     def __init__(self, stops: StopStrings):
-        self.stops, self.shown = stops, ""
+        self.stops = stops
+        self.shown = ""
         self.hold = max((len(s) for s in stops.stops), default=1) - 1
 
     def delta(self, tokens: list[int], final: bool = False) -> str:
@@ -66,5 +70,6 @@ class TextStream:
             text = text[: len(text) - self.hold]
             if text.endswith("\ufffd") or not text.startswith(self.shown):
                 return ""
-        new, self.shown = text[len(self.shown) :], text
+        new = text[len(self.shown) :]
+        self.shown = text
         return new

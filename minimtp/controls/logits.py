@@ -1,15 +1,11 @@
-"""Controls: the part of the target distribution that depends on the sequence's own history.
+"""The controls of one sequence applied to its logits, row by row: penalties, then the constraints.
 
 For a sequence with prompt P and generated tokens g (emitted tokens, then the drafts before the row), the
 logits x of the next token become, in this order (docs: concepts/controls):
 
     x --penalties(P, g)--> x' --allowed(g): grammar, token healing--> x'' --process_logits--> p
 
-    repetition r   x_i -> x_i / r if x_i > 0 else x_i * r,  for every i in P + g   (transformers'
-                   RepetitionPenaltyLogitsProcessor, `generation/logits_process.py`; vLLM the same)
-    presence a     x_i -> x_i - a * [c_i > 0]       c_i = count of i in g (the generated tokens only, as OpenAI's
-    frequency f    x_i -> x_i - f * c_i             and vLLM's `apply_penalties`)
-    allowed        x_i -> -inf where a constraint forbids i after g
+    allowed        x_i -> -inf where a constraint forbids i after g   (penalties.py for the penalties)
 
 Everything is a function of (P, g) and nothing else, which is what makes it exact under speculation: verify row j
 of a round is adjusted with g = emitted + d_1..d_j, the drafter's step j with the same g, so row j's p is the p
@@ -20,48 +16,14 @@ row). A row whose g contains a token a constraint forbade is never used: that dr
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from minimtp.controls.grammar import Grammar
+from minimtp.controls.penalties import Penalties, apply_penalties
+from minimtp.controls.token_healing import TokenHealing, heal_prompt, vocab_bytes
 from minimtp.errors import GenerationError
-
-
-@dataclass(frozen=True)
-class Penalties:
-    """repetition_penalty > 0 (1 = off); presence_penalty, frequency_penalty in [-2, 2] (0 = off)."""
-
-    repetition: float = 1.0
-    presence: float = 0.0
-    frequency: float = 0.0
-
-    def validate(self) -> Penalties:
-        r, a, f = self.repetition, self.presence, self.frequency
-        if not _real(r) or not (math.isfinite(r) and r > 0):
-            raise GenerationError(f"repetition_penalty={r!r} is invalid: expected a number > 0 (1 = off)")
-        for name, v in (("presence_penalty", a), ("frequency_penalty", f)):
-            if not _real(v) or not -2 <= v <= 2:
-                raise GenerationError(f"{name}={v!r} is invalid: expected a number in [-2, 2] (0 = off)")
-        return self
-
-    @property
-    def active(self) -> bool:
-        return (self.repetition, self.presence, self.frequency) != (1.0, 0.0, 0.0)
-
-
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def apply_penalties(x: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor, pen: Penalties) -> torch.Tensor:
-    """One row: x [V] float logits, prompt / generated [n] int64 ids -> penalised logits [V] (module docstring)."""
-    V = x.shape[-1]
-    counts = torch.bincount(generated, minlength=V)[:V].to(x.dtype)
-    seen = torch.bincount(prompt, minlength=V)[:V].bool() | (counts > 0)
-    x = torch.where(seen, torch.where(x > 0, x / pen.repetition, x * pen.repetition), x)
-    return x - pen.frequency * counts - pen.presence * (counts > 0).to(x.dtype)
 
 
 class Constraint(Protocol):
@@ -74,9 +36,11 @@ class Constraint(Protocol):
 class Controls:
     """The controls of one sequence: its prompt, its penalties and its constraints (grammar, token healing)."""
 
-    def __init__(self, prompt: list[int], penalties: Penalties = Penalties(), constraints=(), healed: str = ""):
-        self.prompt, self.healed = torch.tensor(prompt, dtype=torch.long), healed  # healed: the re-spelled text
-        self.penalties, self.constraints = penalties, [c for c in constraints if c is not None]
+    def __init__(self, prompt: list[int], penalties: Penalties | None = None, constraints=(), healed: str = ""):
+        self.prompt = torch.tensor(prompt, dtype=torch.long)
+        self.healed = healed  # the text token healing removed from the prompt, re-spelled by the first tokens
+        self.penalties = penalties or Penalties()
+        self.constraints = [c for c in constraints if c is not None]
 
     @property
     def active(self) -> bool:
@@ -103,13 +67,11 @@ class Controls:
 NO_CONTROLS = Controls([])
 
 
-def make_controls(prompts, tokenizer, vocab_size: int, eos_ids, penalties: Penalties, source: str | None,
-                  token_healing: bool):  # fmt: skip
+def make_controls(
+    prompts, tokenizer, vocab_size: int, eos_ids, penalties: Penalties, source: str | None, token_healing: bool
+):
     """Per prompt: (the prompt to run - healed if asked -, its Controls, the text healing removed).
-    ``source``: an llguidance grammar (`minimtp.grammar.grammar_source`) or None."""
-    from minimtp.grammar import Grammar
-    from minimtp.token_healing import TokenHealing, heal_prompt, vocab_bytes
-
+    ``source``: an llguidance grammar (`minimtp.controls.grammar.grammar_source`) or None."""
     if token_healing and source is not None:
         raise GenerationError("token_healing with a grammar: the grammar already fixes how the text starts; pick one")
     vocab = vocab_bytes(tokenizer, vocab_size) if token_healing else None

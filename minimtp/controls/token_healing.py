@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from minimtp.controls.grammar import llg_tokenizer
+
 _VOCABS: dict = {}
 
 
 def vocab_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     """The bytes of every token id (b"" for special tokens and ids past the tokenizer), cached per tokenizer."""
-    from minimtp.grammar import llg_tokenizer
 
     key = (id(tokenizer), vocab_size)
     if key not in _VOCABS:
@@ -40,10 +41,11 @@ def heal_prompt(prompt: list[int], vocab: list[bytes]) -> tuple[list[int], bytes
 
 
 class TokenHealing:
-    """The healing constraint of one sequence (`minimtp.controls.Constraint`)."""
+    """The healing constraint of one sequence (`minimtp.controls.logits.Constraint`)."""
 
     def __init__(self, removed: bytes, vocab: list[bytes]):
-        self.removed, self.vocab = removed, vocab
+        self.removed = removed
+        self.vocab = vocab
         self.masks: dict[bytes, torch.Tensor] = {}  # remaining bytes -> allowed tokens
 
     def allowed(self, generated: list[int]) -> torch.Tensor | None:

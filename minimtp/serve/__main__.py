@@ -1,0 +1,5 @@
+import sys
+
+from minimtp.serve.cli import main
+
+sys.exit(main())

@@ -107,3 +107,17 @@ def test_serve_from_the_root_answers_health(newcomer_env):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_every_package_folder_is_installed():
+    """A wheel or an sdist holds the packages ``pyproject.toml`` lists: every folder of ``minimtp/`` with Python in
+    it must be one of them (an editable install would hide a missing one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(Path(d).relative_to(ROOT).parts)
+        for d, _, files in os.walk(ROOT / "minimtp", followlinks=True)  # minimtp/kernels is a link
+        if any(f.endswith(".py") for f in files)
+    }
+    assert folders == listed

@@ -1,14 +1,13 @@
 """python -m minimtp.bench: the speedup model, and a tiny end-to-end run (table, JSON, plots, transformers A/B)."""
 
 import json
-import os
 import shutil
 
 import pytest
+from support.common import DEFAULT_DIR
 
 from minimtp.bench.__main__ import main
 from minimtp.bench.speedup import alpha_from_acceptance_length, predicted_speedup
-from minimtp.flags import DEFAULT_DIR
 
 
 def test_speedup_model():
@@ -21,7 +20,6 @@ def test_speedup_model():
         assert alpha_from_acceptance_length(mal, k) == pytest.approx(a, abs=1e-9)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors")), reason="no pair")
 def test_bench_runs_end_to_end(tmp_path, capsys):
     rc = main(
         [
@@ -51,7 +49,6 @@ def test_bench_runs_end_to_end(tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 0
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors")), reason="no pair")
 def test_bench_serve_runs_end_to_end(tmp_path, capsys):
     pytest.importorskip("openai")
     pytest.importorskip("uvicorn")

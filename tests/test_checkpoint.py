@@ -1,4 +1,4 @@
-"""minimtp.checkpoint against checkpoints written by transformers 5.23 (tests/hf_models.py) and by hand."""
+"""minimtp.checkpoint against checkpoints written by transformers 5.23 (tests/support/hf_models.py) and by hand."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support.common import one_line_error
+from support.hf_models import build_assistant, build_multimodal, build_target
 
 import minimtp.checkpoint as ckpt
 from minimtp.checkpoint import find_weight_files, load_weights, parse_dtype, read_json
 from minimtp.errors import CheckpointError, ConfigError
-
-sys.path.insert(0, os.path.dirname(__file__))
-from hf_models import build_assistant, build_multimodal, build_target  # noqa: E402
 
 FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]
 
@@ -37,14 +36,6 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
     for k, v in want.items():
         assert got[k].dtype == v.dtype, k
         assert torch.equal(got[k], v), k
-
-
-def one_line_error(excinfo, *needles: str) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert needle in msg, (needle, msg)
-    return msg
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from support.common import ASSISTANT_DIR, TARGET_DIR
 
 from minimtp import generate
-from minimtp.flags import DEFAULT_DIR
 from minimtp.generate import main
-
-HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
-pytestmark = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")
 
 
 def run(capsys, *argv):
@@ -105,9 +102,9 @@ def test_explicit_model_and_assistant_dirs(capsys):
     rc, out, _ = run(
         capsys,
         "--model",
-        os.path.join(DEFAULT_DIR, "target"),
+        TARGET_DIR,
         "--assistant",
-        os.path.join(DEFAULT_DIR, "assistant"),
+        ASSISTANT_DIR,
         "--prompt",
         "def f(",
         "--max-new-tokens",
@@ -129,19 +126,19 @@ def _strip_defaults(path: str) -> None:
 
 
 def test_12b_shaped_pair(capsys, tmp_path):
-    """A tiny pair in the 12B's layout (tests/hf_models.py, "unified_12b": the gemma4_unified container, K = V with
-    one global KV head, the 5:1 pattern, W = 1024) with the embedded model's tokenizer: the CLI generates with it,
-    speculative greedy equals plain greedy and both equal transformers' greedy generate."""
+    """A tiny pair in the 12B's layout (tests/support/hf_models.py, "unified_12b": the gemma4_unified container,
+    K = V with one global KV head, the 5:1 pattern, W = 1024) with the embedded model's tokenizer: the CLI generates
+    with it, speculative greedy equals plain greedy and both equal transformers' greedy generate."""
     import shutil
 
     import torch
-    from hf_models import build_multimodal, build_target, saved_pair
+    from support.hf_models import build_multimodal, build_target, saved_pair
 
     import minimtp
 
     tdir, adir = saved_pair(str(tmp_path), "unified_12b", "multimodal")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(DEFAULT_DIR, "target", name), tdir)
+        shutil.copy(os.path.join(TARGET_DIR, name), tdir)
     _strip_defaults(tdir)
     _strip_defaults(adir)
     with open(os.path.join(adir, "config.json")) as f:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
 import re
 
 import pytest
 import torch
-from tiny_tokenizer import char_tokenizer
+from support.common import default_pair, one_line_error
+from support.tokenizer import char_tokenizer
 
 import minimtp
 from minimtp.controls import Controls, Penalties, apply_penalties, make_controls
@@ -22,24 +22,7 @@ from minimtp.controls.grammar import Grammar, check_schema_keys, grammar_source
 from minimtp.controls.stop_strings import StopStrings, check_stop_strings
 from minimtp.controls.token_healing import TokenHealing, heal_prompt, vocab_bytes
 from minimtp.errors import GenerationError
-from minimtp.flags import DEFAULT_DIR
 from minimtp.sampling import make_generators
-from minimtp.tokenizer import load_tokenizer
-
-HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
-needs_pair = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")
-
-
-def one_line_error(fn, *needles):
-    """fn() raises GenerationError with a one-line message containing every needle."""
-    with pytest.raises(GenerationError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg and msg, msg
-    for n in needles:
-        assert n in msg, (n, msg)
-    return msg
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Penalties
@@ -119,7 +102,9 @@ def test_all_three_penalties_compose_in_order():
     ],
 )
 def test_penalty_validation(kw, field):
-    one_line_error(lambda: Penalties(**kw).validate(), field)
+    with pytest.raises(GenerationError) as e:
+        Penalties(**kw).validate()
+    one_line_error(e, field)
 
 
 def test_penalties_at_the_bounds_are_valid():
@@ -309,7 +294,9 @@ def test_json_schema_grammar_masks():
     ],
 )
 def test_grammar_errors_are_one_line(tok, kw, needles):
-    one_line_error(lambda: make_grammar(tok, **kw), *needles)
+    with pytest.raises(GenerationError) as e:
+        make_grammar(tok, **kw)
+    one_line_error(e, *needles)
 
 
 def test_boolean_schemas_and_schema_key_check():
@@ -322,7 +309,9 @@ def test_boolean_schemas_and_schema_key_check():
 
 def test_grammar_and_token_healing_are_exclusive(tok):
     src = grammar_source(regex="a+")
-    one_line_error(lambda: make_controls([[1, 2]], tok, len(TOKS), [EOS], Penalties(), src, True), "token_healing")
+    with pytest.raises(GenerationError) as e:
+        make_controls([[1, 2]], tok, len(TOKS), [EOS], Penalties(), src, True)
+    one_line_error(e, "token_healing")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,11 +377,11 @@ def test_check_stop_strings():
     assert check_stop_strings("ab") == ["ab"]
     assert check_stop_strings(["a", "\n"]) == ["a", "\n"]
     assert check_stop_strings(("a",)) == ["a"]
-    one_line_error(lambda: check_stop_strings(""), "stop[0]=''")
-    one_line_error(lambda: check_stop_strings(["a", ""]), "stop[1]=''")
-    one_line_error(lambda: check_stop_strings(["a", 3]), "stop[1]=3")
-    one_line_error(lambda: check_stop_strings(5), "stop=5")
-    one_line_error(lambda: check_stop_strings({"a"}), "stop=")
+    bad = [("", "stop[0]=''"), (["a", ""], "stop[1]=''"), (["a", 3], "stop[1]=3"), (5, "stop=5"), ({"a"}, "stop=")]
+    for stop, needle in bad:
+        with pytest.raises(GenerationError) as e:
+            check_stop_strings(stop)
+        one_line_error(e, needle)
 
 
 def ids(*names):
@@ -428,11 +417,7 @@ def test_stop_strings_skip_the_healed_prefix(tok):
 
 @pytest.fixture(scope="module")
 def pair():
-    if not HAVE_PAIR:
-        pytest.skip("embedded default model not present")
-    target = minimtp.load_target(os.path.join(DEFAULT_DIR, "target"), dtype="float32")
-    assistant = minimtp.load_assistant(os.path.join(DEFAULT_DIR, "assistant"), target, dtype="float32")
-    tokenizer = load_tokenizer(os.path.join(DEFAULT_DIR, "target"))
+    target, assistant, tokenizer = default_pair()
     return minimtp.Engine(target, assistant, tokenizer=tokenizer), tokenizer
 
 
@@ -458,7 +443,6 @@ PERSON = {
 }
 
 
-@needs_pair
 @pytest.mark.parametrize("prompt", ["person = ", 'user = {"name": "Ada", "age": 36}\nother = '])
 def test_json_schema_speculative_equals_plain_and_validates(pair, prompt):
     import jsonschema
@@ -477,7 +461,6 @@ def test_json_schema_speculative_equals_plain_and_validates(pair, prompt):
     jsonschema.validate(json.loads(both.texts[1]), PERSON)
 
 
-@needs_pair
 def test_regex_speculative_equals_plain(pair):
     engine, tok = pair
     rx = r"[a-z_]{1,20}\([a-z_, ]{0,30}\):"
@@ -490,7 +473,6 @@ LARK = 'start: "return " NAME (" " OP " " NAME)? "\\n"\nOP: "+" | "-" | "*"\nNAM
 GBNF = 'root ::= "x = " [0-9] [0-9]? "\\n"'
 
 
-@needs_pair
 @pytest.mark.parametrize(
     "grammar, prompt, rx",
     [
@@ -504,7 +486,6 @@ def test_lark_and_gbnf_grammars_speculative_equal_plain(pair, grammar, prompt, r
     assert res.finish_reasons == ["stop"] and re.fullmatch(rx, res.texts[0]), res.texts
 
 
-@needs_pair
 def test_repetition_penalty_speculative_equals_plain(pair):
     engine, tok = pair
     prompt = tok("import os\n")["input_ids"]
@@ -513,7 +494,6 @@ def test_repetition_penalty_speculative_equals_plain(pair):
     assert res.tokens != free.tokens  # the penalty does something here ("import sys" repeated otherwise)
 
 
-@needs_pair
 def test_presence_and_frequency_penalties_speculative_equal_plain(pair):
     engine, tok = pair
     prompt = tok("import os\n")["input_ids"]
@@ -540,7 +520,6 @@ def _cut_at_stops(tok, tokens: list[int], stops: list[str], eos) -> list[int]:
     return tokens
 
 
-@needs_pair
 def test_stop_string_inside_an_accepted_draft_block(pair):
     engine, tok = pair
     prompt = tok("def fibonacci(n):")["input_ids"]
@@ -567,7 +546,6 @@ def test_stop_string_inside_an_accepted_draft_block(pair):
     assert res2.tokens == res.tokens and res2.stop_reasons == [stop]
 
 
-@needs_pair
 def test_token_healing_natural_prompt(pair):
     engine, tok = pair
     prompt = tok("def binary_search(items, target):\n")["input_ids"]
@@ -586,7 +564,6 @@ def test_token_healing_natural_prompt(pair):
     assert bos_only.healed_prompts == [[2]]
 
 
-@needs_pair
 @pytest.mark.parametrize("mode", ["argmax", "sample", "plain"])
 def test_stop_strings_only_truncate_under_sampling(pair, mode):
     """T=1, seeds 0..19: with stop strings, each sequence is the no-stop run's sequence cut right after the token
@@ -611,7 +588,6 @@ def test_stop_strings_only_truncate_under_sampling(pair, mode):
     assert shortened >= 10, shortened
 
 
-@needs_pair
 def test_seed_list_equals_each_prompt_alone(pair):
     engine, tok = pair
     p1, p2 = tok("class Stack:\n")["input_ids"], tok("for i in range(")["input_ids"]
@@ -624,7 +600,6 @@ def test_seed_list_equals_each_prompt_alone(pair):
     assert swapped.tokens == both.tokens[::-1]
 
 
-@needs_pair
 def test_neighbouring_seeds_share_no_sequence(pair):
     engine, tok = pair
     prompt = tok("x = ")["input_ids"]
@@ -647,7 +622,9 @@ def test_neighbouring_seeds_share_no_sequence(pair):
     ],
 )
 def test_bad_seeds(seed, n, needle):
-    one_line_error(lambda: make_generators(seed, n), needle)
+    with pytest.raises(GenerationError) as e:
+        make_generators(seed, n)
+    one_line_error(e, needle)
 
 
 def test_seed_streams():
@@ -657,7 +634,6 @@ def test_seed_streams():
     assert draws(make_generators(7, 2))[1] != draws(make_generators(8, 1))[0]
 
 
-@needs_pair
 @pytest.mark.parametrize(
     "kw, needle",
     [
@@ -675,4 +651,6 @@ def test_seed_streams():
 )
 def test_engine_control_errors_are_one_line(pair, kw, needle):
     engine, _ = pair
-    one_line_error(lambda: engine.generate([[2, 651]], max_new_tokens=4, **kw), needle)
+    with pytest.raises(GenerationError) as e:
+        engine.generate([[2, 651]], max_new_tokens=4, **kw)
+    one_line_error(e, needle)

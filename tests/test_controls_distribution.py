@@ -1,8 +1,8 @@
 """χ² goodness-of-fit of the REAL engine under controls: penalties, a grammar, stop strings, token healing, and
 seeds pooled across calls, against the exact distribution of plain decoding with the same controls.
 
-The pair and the χ² machinery are tests/distribution_harness.py's (V = 24); the tokenizer is a 24-token
-character-level one (tests/tiny_tokenizer.py), so grammars and stop strings act on real text. The exact side
+The pair and the χ² machinery are tests/support/distribution.py's (V = 24); the tokenizer is a 24-token
+character-level one (tests/support/tokenizer.py), so grammars and stop strings act on real text. The exact side
 walks the tree of continuations with positive probability: each node's raw target logits (one batched full forward
 of every continuation, `continuation_logits`) go through a `Controls` built for that prompt with that node's
 generated tokens, then `process_logits`. Each run samples N = 3000 outputs of 4 tokens (the prefill token, then a
@@ -22,8 +22,8 @@ from collections import Counter
 
 import pytest
 import torch
-from distribution_harness import PROMPT, V, build_pair, check_all, chi2_gof, continuation_logits, fmt, make_engine
-from tiny_tokenizer import char_tokenizer
+from support.distribution import PROMPT, V, check_all, chi2_gof, continuation_logits, fmt, make_engine, pair
+from support.tokenizer import char_tokenizer
 
 import minimtp.engine as engine_mod
 import minimtp.request as request_mod
@@ -60,11 +60,6 @@ CASES = {  # name: (generate keywords, sampling params, draft mode, k)
     "stop": (dict(stop=["ab", "1"]), SamplingParams(temperature=1.0), "sample", 3),
     "healing": (dict(token_healing=True), SamplingParams(temperature=1.0), "sample", 3),
 }
-
-
-@functools.cache
-def pair():
-    return build_pair()
 
 
 @functools.cache

@@ -1,11 +1,12 @@
 """Exact enumeration with controls: under penalties, grammars, token healing and stop strings, the speculative
 algorithm's distribution over whole outputs IS plain decoding's under the same controls.
 
-The same enumeration as tests/test_exact_enumeration.py (every draft, accept/reject and emitted-token branch summed
-in float64), on 5-token context-dependent toy models with a real tokenizer (tests/tiny_tokenizer.py: "<eos>", "a",
-"b", "ab", "c"), and with every row - target and drafter - passed through minimtp's own `Controls` for the tokens
-before it: row j of a round follows the emitted tokens AND the drafts d_1..d_j (docs: concepts/controls). The
-target side is plain decoding: prod_t p(y_t | prompt, y_<t) with the same controls.
+The same enumeration as tests/test_exact_enumeration.py (one round: tests/support/enumeration.py; every draft,
+accept/reject and emitted-token branch summed in float64), on 5-token context-dependent toy models with a real
+tokenizer (tests/support/tokenizer.py: "<eos>", "a", "b", "ab", "c"), and with every row - target and drafter -
+passed through minimtp's own `Controls` for the tokens before it: row j of a round follows the emitted tokens AND
+the drafts d_1..d_j (docs: concepts/controls). The target side is plain decoding: prod_t p(y_t | prompt, y_<t)
+with the same controls.
 
 Power: the classic mistake of adjusting every verify row with the history of the round's start (ignoring the drafts
 before it, so a penalty or grammar state lags behind) must be detected by the same comparison.
@@ -19,11 +20,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-from test_exact_enumeration import Rule, _accept_onehot, _accept_ratio, _recover_argmax, _recover_sample
-from test_exact_enumeration import V as ENUMERATION_V
-from test_exact_enumeration import round_outcomes as enumerate_round
-from tiny_tokenizer import char_tokenizer
-from toy_models import make_pair
+from support.enumeration import Rule, accept_onehot, accept_ratio, recover_argmax, recover_sample
+from support.enumeration import round_outcomes as enumerate_round
+from support.tokenizer import char_tokenizer
+from support.toy_models import make_pair
 
 from minimtp.controls import Controls, Penalties, make_controls
 from minimtp.controls.grammar import grammar_source
@@ -32,7 +32,6 @@ from minimtp.sampling import SamplingParams, process_logits
 
 TOKENS = ["<eos>", "a", "b", "ab", "c"]
 V, N_TOKENS, PROMPT = len(TOKENS), 3, (1, 3)
-assert V == ENUMERATION_V  # the enumeration sums over that module's vocabulary
 TARGET, DRAFTER = make_pair(V, seed=11)
 TOK = char_tokenizer(TOKENS)
 
@@ -87,9 +86,7 @@ def round_outcomes(prompt, gen, k, mode, params, ctl, lag=False) -> dict[tuple, 
         q = row(DRAFTER, prompt, g, ctl, params)
         return [(x, float(q[x]), q) for x in range(V) if q[x] > 0]
 
-    rule = Rule(
-        proposals, *((_accept_ratio, _recover_sample) if mode == "sample" else (_accept_onehot, _recover_argmax))
-    )
+    rule = Rule(proposals, *((accept_ratio, recover_sample) if mode == "sample" else (accept_onehot, recover_argmax)))
     return enumerate_round(prompt + gen, k, rule, params, target)
 
 

@@ -3,26 +3,12 @@ and seeded sampling with sampled and argmax drafts, on the three target families
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from test_engine import PROMPTS, untie_minimtp
+from support.untied import PROMPTS
 
 import minimtp
 from minimtp.decode import speculative_decode
-
-
-@pytest.fixture(scope="module")
-def pair(saved):
-    @functools.cache
-    def get(family):
-        tdir, adir = saved(family)
-        target = untie_minimtp(minimtp.load_target(tdir))
-        return target, minimtp.load_assistant(adir, target)
-
-    return get
-
 
 SETTINGS = {
     "greedy": dict(temperature=0.0),
@@ -34,8 +20,8 @@ SETTINGS = {
 
 @pytest.mark.parametrize("family", ["e2b", "moe", "dense"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_one_screen_round_equals_engine(pair, family, setting):
-    target, assistant = pair(family)
+def test_one_screen_round_equals_engine(untied_pair, family, setting):
+    target, assistant = untied_pair(family)
     kw = dict(SETTINGS[setting])
     k, n = 3, 40
     for b, prompt in enumerate(PROMPTS):
@@ -48,9 +34,9 @@ def test_one_screen_round_equals_engine(pair, family, setting):
         assert len(mine) == n
 
 
-def test_one_screen_round_stops_like_the_engine(pair):
+def test_one_screen_round_stops_like_the_engine(untied_pair):
     """A stop token inside an accepted block of drafts ends the output there (and is included), as in the Engine."""
-    target, assistant = pair("e2b")
+    target, assistant = untied_pair("e2b")
     ref = minimtp.Engine(target, assistant).generate([PROMPTS[1]], 30, num_speculative_tokens=4, stop_token_ids=[])
     stop = ref.tokens[0][12]
     mine = speculative_decode(target, assistant, PROMPTS[1], 30, 4, stop_token_ids=[stop])
@@ -62,9 +48,9 @@ def _first_diff(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_different_seeds_differ(pair):
+def test_different_seeds_differ(untied_pair):
     """The sampled path really samples: two seeds give different outputs (a check that can fail)."""
-    target, assistant = pair("dense")
+    target, assistant = untied_pair("dense")
     a = speculative_decode(target, assistant, PROMPTS[0], 30, 3, temperature=1.0, seed=1, stop_token_ids=[])
     b = speculative_decode(target, assistant, PROMPTS[0], 30, 3, temperature=1.0, seed=2, stop_token_ids=[])
     assert a != b

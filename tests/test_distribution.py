@@ -1,6 +1,6 @@
 """χ² goodness-of-fit of the REAL engine's output against the exact target distribution.
 
-`tests/distribution_harness.py` builds a tiny Gemma 4 target (V = 24, sliding window 3 + full layer) and a
+`tests/support/distribution.py` builds a tiny Gemma 4 target (V = 24, sliding window 3 + full layer) and a
 correlated assistant with minimtp, enumerates the exact distribution of the first 4 new tokens with the target's
 full forward + `process_logits`, and samples N continuations with ONE `Engine.generate` call on N copies of the
 prompt (per-sequence generators via `seed=`, `stop_token_ids=[]`). With max_new_tokens = 5 and k = 3 the first
@@ -27,48 +27,34 @@ shows the engine emits identical tokens with either. Greedy and one χ² run use
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import sys
-import time
-import zlib
 
 import pytest
 import torch
-from distribution_harness import (
+from support.distribution import (
+    DEPTH,
+    LENGTH,
     PROMPT,
+    SETTINGS,
     V,
     batched_paged_attention,
-    build_pair,
-    check_all,
-    continuation_logits,
-    exact_tables,
     fmt,
     make_engine,
     min_p_value,
-    sample_tokens,
+    pair,
+    run_and_test,
+    tables,
 )
 
-from minimtp.sampling import SamplingParams, sample
+from minimtp.sampling import sample
 from minimtp.speculative import _assemble, _leading_true
 
 ALPHA = 1e-4  # per χ² test (see the module docstring for the Bonferroni bound)
 N_DEFAULT = 3000
 N_SLOW = 12000
-LENGTH = 5  # new tokens per sample: prefill token + one full k = 3 round (tokens 2-4) + the bonus
-DEPTH = 4  # tokens whose marginals are tested
-
-SETTINGS = {
-    "T1": SamplingParams(temperature=1.0),
-    "T0.7": SamplingParams(temperature=0.7),
-    "topk5": SamplingParams(temperature=1.0, top_k=5),
-    "topp0.8": SamplingParams(temperature=1.0, top_p=0.8),
-    "minp0.1": SamplingParams(temperature=1.0, min_p=0.1),
-    "T0.8-k8-p0.9-m0.05": SamplingParams(temperature=0.8, top_k=8, top_p=0.9, min_p=0.05),
-}
-
 # Default run: every setting, both draft modes at k = 1 and k = 3, and every configuration a power check uses
 # (so each buggy variant is rejected in a configuration where the correct engine is shown to pass).
 DEFAULT_GRID = [
@@ -81,51 +67,6 @@ DEFAULT_GRID = [
     ("T0.8-k8-p0.9-m0.05", "argmax", 3),
 ]
 FULL_GRID = [(s, m, k) for s in SETTINGS for m in ("sample", "argmax") for k in (1, 3)]
-
-
-@functools.cache
-def pair():
-    return build_pair()
-
-
-@functools.cache
-def _logits():
-    return continuation_logits(pair()[0], PROMPT, DEPTH)
-
-
-@functools.cache
-def tables(setting: str):
-    return exact_tables(_logits(), SETTINGS[setting])
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode()) % 1_000_000 * 100_000
-
-
-def run_and_test(engine, setting, n, *, k=3, mode="argmax", use_assistant=True, seed_key=None):
-    t0 = time.perf_counter()
-    seed = _seed(setting, mode, k, use_assistant) if seed_key is None else _seed(*seed_key)
-    stats = []
-    orig = engine.generate
-
-    def generate(*a, **kw):  # keep the stats of every chunk
-        res = orig(*a, **kw)
-        stats.append(res.stats)
-        return res
-
-    engine.generate = generate
-    try:
-        toks = sample_tokens(
-            engine, n, SETTINGS[setting], length=LENGTH, k=k, seed=seed, draft_mode=mode, use_assistant=use_assistant
-        )
-    finally:
-        del engine.generate
-    res = check_all(toks, tables(setting), positions=tuple(range(1, DEPTH + 1)), pairs=((1, 2), (2, 3)))
-    drafted = sum(s.drafted for s in stats)
-    acc = sum(s.accepted for s in stats) / drafted if drafted else 0.0
-    what = f"{mode} k={k}" if use_assistant else "plain"
-    print(f"\n[{setting} {what} N={n}] acceptance={acc:.3f} ({time.perf_counter() - t0:.1f}s) {fmt(res)}")
-    return res, acc
 
 
 def _assert_exact(res):
@@ -334,12 +275,11 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-import test_distribution as td
-from distribution_harness import make_engine
+from support.distribution import make_engine, pair, run_and_test
 out = {{}}
 for setting, mode, k in {grid!r}:
-    res, acc = td.run_and_test(make_engine(*td.pair(), verify_backend="triton"), setting, {n}, k=k, mode=mode,
-                               seed_key=("triton", setting, mode, k))
+    res, acc = run_and_test(make_engine(*pair(), verify_backend="triton"), setting, {n}, k=k, mode=mode,
+                            seed_key=("triton", setting, mode, k))
     out[f"{{setting}}-{{mode}}-k{{k}}"] = dict(p={{n: r.p_value for n, r in res.items()}},
                                                 outside=sum(r.outside_support for r in res.values()), acc=acc)
 print("RESULT" + json.dumps(out))

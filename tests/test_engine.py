@@ -10,67 +10,26 @@ What runs where (pytest.ini deselects ``slow`` by default):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
 import torch
-from hf_models import build_target
+from support.hf_models import build_target
+from support.untied import PROMPTS, V, untie_hf, untie_minimtp
 
 import minimtp
 
-FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]  # tests/hf_models.py
-V = 512
+FAMILIES = ["e2b", "moe", "dense", "unified", "unified_shared"]  # tests/support/hf_models.py
 N_NEW = 200  # W = 8: the sliding window wraps ~25 times
 
 
-def make_prompts(lengths=(5, 13, 27), seed=2) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, V, (n,), generator=g).tolist() for n in lengths]
-
-
-PROMPTS = make_prompts()
-
-
-# The tiny random targets have tied embeddings scaled x20, so greedy decoding falls into one repeated token
-# within a few steps (measured: 1-10 distinct tokens in 200) - a weak equivalence test. Untying the head with a
-# fixed row permutation of the embedding (same in minimtp and transformers) gives 100-190 distinct tokens per
-# 200 and top-1/top-2 logit gaps >= 6e-4 along every greedy path here (fp32 noise between batch shapes ~1e-6).
-PERM = torch.randperm(V, generator=torch.Generator().manual_seed(9))
-
-
-def untie_minimtp(target):
-    target.config = dataclasses.replace(target.config, tie_word_embeddings=False)
-    target.lm_head = torch.nn.Linear(target.config.hidden_size, V, bias=False).requires_grad_(False)
-    target.lm_head.weight.copy_(target.model.embed_tokens.weight[PERM])
-    return target
-
-
-def untie_hf(model):
-    head = torch.nn.Linear(model.config.hidden_size, V, bias=False).requires_grad_(False)
-    head.weight.copy_(model.model.embed_tokens.weight[PERM])
-    model.lm_head = head
-    return model
-
-
 @pytest.fixture(scope="module")
-def models(saved):
-    @functools.cache
-    def get(family: str):
-        tdir, adir = saved(family)
-        target = untie_minimtp(minimtp.load_target(tdir))
-        return target, minimtp.load_assistant(adir, target)
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def plain(models):
+def plain(untied_pair):
     """Plain greedy output (no stop tokens) of PROMPTS, 200 tokens, per family."""
 
     @functools.cache
     def get(family: str) -> tuple[tuple[int, ...], ...]:
-        res = minimtp.Engine(models(family)[0]).generate(PROMPTS, N_NEW, temperature=0.0, stop_token_ids=[])
+        res = minimtp.Engine(untied_pair(family)[0]).generate(PROMPTS, N_NEW, temperature=0.0, stop_token_ids=[])
         assert res.finish_reasons == ["length"] * 3
         assert all(len(t) == N_NEW for t in res.tokens)
         assert all(len(set(t)) >= 50 for t in res.tokens)  # not a degenerate repetition
@@ -107,8 +66,8 @@ def expected_with_stop(outs, stop):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_greedy(models, plain, family, k):
-    target, assistant = models(family)
+def check_greedy(untied_pair, plain, family, k):
+    target, assistant = untied_pair(family)
     outs = plain(family)
     stop, at = choose_stop(outs)
     want, reasons = expected_with_stop(outs, stop)
@@ -130,15 +89,15 @@ def check_greedy(models, plain, family, k):
 
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_speculative_greedy_equals_plain(models, plain, family, k):
-    check_greedy(models, plain, family, k)
+def test_speculative_greedy_equals_plain(untied_pair, plain, family, k):
+    check_greedy(untied_pair, plain, family, k)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 7])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_speculative_greedy_equals_plain_full_grid(models, plain, family, k):
-    check_greedy(models, plain, family, k)
+def test_speculative_greedy_equals_plain_full_grid(untied_pair, plain, family, k):
+    check_greedy(untied_pair, plain, family, k)
 
 
 @pytest.mark.smoke
@@ -167,12 +126,12 @@ def test_greedy_exact_with_cheaper_drafters(saved, plain, family, draft_dtype):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 16])
-def test_chunked_prefill_gives_the_same_tokens(models, plain, chunk):
+def test_chunked_prefill_gives_the_same_tokens(untied_pair, plain, chunk):
     """Prompts run in chunks of ``prefill_chunk`` tokens (ragged: 5, 13, 27 tokens; chunk 3 and 8 split them
     mid-window, W = 8, so a chunk's sliding queries see keys of the previous chunk and blocks are freed between
     chunks) give the tokens of a one-forward prefill, plain and speculative; the first token's logits agree to
     fp32 noise (other SDPA shapes: measured 2e-5 on logits up to 12)."""
-    target, assistant = models("e2b")
+    target, assistant = untied_pair("e2b")
     for asst in (None, assistant):
         res = minimtp.Engine(target, asst, block_size=4, prefill_chunk=chunk).generate(
             PROMPTS, 40, num_speculative_tokens=3, temperature=0.0, stop_token_ids=[]
@@ -188,13 +147,13 @@ def test_chunked_prefill_gives_the_same_tokens(models, plain, chunk):
 
 
 @pytest.mark.parametrize("family", ["e2b", "unified_shared", "dense"])
-def test_prefill_runs_kv_shared_layers_on_last_rows(models, family):
+def test_prefill_runs_kv_shared_layers_on_last_rows(untied_pair, family):
     """``prefill`` (KV-shared layers on each sequence's last row only) gives the hidden states and logits of the
     full forward's (``run``) last rows, and writes the same K/V."""
     from minimtp.attention import PagedContext, paged_attention
     from minimtp.kv_cache import KVCache
 
-    target = models(family)[0]
+    target = untied_pair(family)[0]
     outs, caches = {}, {}
     for rows in ("all", "last"):
         cache = KVCache(target.config, {t: 64 for t in set(target.config.layer_types)}, 4)
@@ -216,9 +175,9 @@ def test_prefill_runs_kv_shared_layers_on_last_rows(models, family):
         )
 
 
-def test_batching_does_not_change_greedy_output(models, plain):
+def test_batching_does_not_change_greedy_output(untied_pair, plain):
     """Each prompt alone gives the same tokens as in the ragged batch (plain and speculative)."""
-    target, assistant = models("e2b")
+    target, assistant = untied_pair("e2b")
     for b in (0, 2):
         alone = minimtp.Engine(target, assistant).generate(
             [PROMPTS[b]], 60, num_speculative_tokens=3, temperature=0.0, stop_token_ids=[]
@@ -305,8 +264,8 @@ def check_stats(st, rounds, k):
     )
 
 
-def run_oracle(models, plain, monkeypatch, family, plans, k, max_new, idxs):
-    target, assistant = models(family)
+def run_oracle(untied_pair, plain, monkeypatch, family, plans, k, max_new, idxs):
+    target, assistant = untied_pair(family)
     prompts = [PROMPTS[i] for i in idxs]
     outs = [plain(family)[i] for i in idxs]
     eng = minimtp.Engine(target, assistant, block_size=4)
@@ -331,9 +290,9 @@ def run_oracle(models, plain, monkeypatch, family, plans, k, max_new, idxs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_oracle_acceptance_follows_plan(models, plain, monkeypatch, family):
+def test_oracle_acceptance_follows_plan(untied_pair, plain, monkeypatch, family):
     plan = [4, 2, 0, 3, 1, 4, 4, 0]
-    res = run_oracle(models, plain, monkeypatch, family, [plan], 4, 60, [1])
+    res = run_oracle(untied_pair, plain, monkeypatch, family, [plan], 4, 60, [1])
     st = res.stats
     # the plan's arithmetic: 60 tokens = 1 (prefill) + Σ (n_r + 1)
     rounds = simulate(plan, 4, 60)
@@ -343,8 +302,8 @@ def test_oracle_acceptance_follows_plan(models, plain, monkeypatch, family):
     assert st.generated_tokens == 60
 
 
-def test_oracle_all_accepted_and_none_accepted(models, plain, monkeypatch):
-    res = run_oracle(models, plain, monkeypatch, "moe", [[7], [0]], 7, 60, [0, 2])
+def test_oracle_all_accepted_and_none_accepted(untied_pair, plain, monkeypatch):
+    res = run_oracle(untied_pair, plain, monkeypatch, "moe", [[7], [0]], 7, 60, [0, 2])
     a, b = res.seq_stats
     assert a.acceptance_rate == 1.0 and a.per_position_acceptance == [1.0] * 7
     # 60 = 1 + 7 rounds of 8 + a last round with only 2 drafts (the budget): 51 accepted in 8 rounds
@@ -355,9 +314,9 @@ def test_oracle_all_accepted_and_none_accepted(models, plain, monkeypatch):
 
 
 @pytest.mark.parametrize("k", [4, 7])
-def test_oracle_batch_with_different_plans(models, plain, monkeypatch, k):
+def test_oracle_batch_with_different_plans(untied_pair, plain, monkeypatch, k):
     plans = [[0, 1, 2, 3, 4, 5, 6, 7], [3, 3, 0, 7], [1, 6, 2, 0, 5]]
-    res = run_oracle(models, plain, monkeypatch, "e2b", plans, k, 70, [0, 1, 2])
+    res = run_oracle(untied_pair, plain, monkeypatch, "e2b", plans, k, 70, [0, 1, 2])
     tot = res.stats
     for f in ("drafted", "accepted", "draft_rounds", "generated_tokens"):
         assert getattr(tot, f) == sum(getattr(s, f) for s in res.seq_stats), f
@@ -365,11 +324,11 @@ def test_oracle_batch_with_different_plans(models, plain, monkeypatch, k):
 
 
 @pytest.mark.parametrize("family", ["dense"])
-def test_oracle_long_run_wraps_window(models, plain, monkeypatch, family):
+def test_oracle_long_run_wraps_window(untied_pair, plain, monkeypatch, family):
     """200 tokens of pseudo-random acceptance (rollbacks of every size across ~25 window wraps)."""
     g = torch.Generator().manual_seed(5)
     plans = [torch.randint(0, 6, (37,), generator=g).tolist() for _ in range(3)]
-    run_oracle(models, plain, monkeypatch, family, plans, 5, N_NEW, [0, 1, 2])
+    run_oracle(untied_pair, plain, monkeypatch, family, plans, 5, N_NEW, [0, 1, 2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,8 +337,8 @@ def test_oracle_long_run_wraps_window(models, plain, monkeypatch, family):
 
 
 @pytest.mark.parametrize("use_assistant", [False, True])
-def test_sampling_smoke(models, use_assistant):
-    target, assistant = models("e2b")
+def test_sampling_smoke(untied_pair, use_assistant):
+    target, assistant = untied_pair("e2b")
     eng = minimtp.Engine(target, assistant)
     kw = dict(temperature=0.8, num_speculative_tokens=3, stop_token_ids=[], use_assistant=use_assistant)
     a = eng.generate(PROMPTS, 40, seed=11, **kw)
@@ -393,8 +352,8 @@ def test_sampling_smoke(models, use_assistant):
     assert all(len(t) == 20 and all(0 <= x < V for x in t) for t in d.tokens)
 
 
-def test_stats_fields(models):
-    target, assistant = models("dense")
+def test_stats_fields(untied_pair):
+    target, assistant = untied_pair("dense")
     eng = minimtp.Engine(target, assistant)
     forwards = []
     original = eng._target_forward
@@ -427,8 +386,8 @@ def test_stats_fields(models):
     assert res.seq_stats[0].as_dict()["accepted"] == st.accepted
 
 
-def test_batch_target_steps_counts_forwards(models):
-    target, assistant = models("dense")
+def test_batch_target_steps_counts_forwards(untied_pair):
+    target, assistant = untied_pair("dense")
     eng = minimtp.Engine(target, assistant)
     forwards = []
     original = eng._target_forward
@@ -442,10 +401,10 @@ import dataclasses, json, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-import test_engine as T
+from support.untied import untie_minimtp
 import minimtp
 tdir, adir, prompt, n = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
-target = T.untie_minimtp(minimtp.load_target(tdir))
+target = untie_minimtp(minimtp.load_target(tdir))
 assistant = minimtp.load_assistant(adir, target)
 eng = minimtp.Engine(target, assistant, attention_backend="triton", block_size=4)
 res = eng.generate([prompt], n, num_speculative_tokens=2, temperature=0.0, stop_token_ids=[])
@@ -510,8 +469,8 @@ def test_triton_backend_small(saved, plain):
         ("5 6 7", {}, "list"),
     ],
 )
-def test_bad_input(models, prompts, kw, needle):
-    target, assistant = models("e2b")
+def test_bad_input(untied_pair, prompts, kw, needle):
+    target, assistant = untied_pair("e2b")
     eng = minimtp.Engine(target, assistant)
     with pytest.raises((minimtp.GenerationError, minimtp.CompatibilityError)) as e:
         eng.generate(prompts, **{"max_new_tokens": 4, **kw})
@@ -519,8 +478,8 @@ def test_bad_input(models, prompts, kw, needle):
     assert msg and "\n" not in msg and needle in msg, msg
 
 
-def test_bad_engine_settings(models):
-    target, assistant = models("e2b")
+def test_bad_engine_settings(untied_pair):
+    target, assistant = untied_pair("e2b")
     for kw, err in [
         (dict(draft_mode="beam"), minimtp.GenerationError),
         (dict(attention_backend="cuda"), minimtp.CompatibilityError),

@@ -1,6 +1,6 @@
 """Exact enumeration: the speculative algorithm's output distribution over whole sequences IS the target's.
 
-On a 5-token vocabulary with context-dependent toy models (tests/toy_models.py) we compute, in float64,
+On a 5-token vocabulary with context-dependent toy models (tests/support/toy_models.py) we compute, in float64,
 the probability of every n-token output of the full algorithm: round after round, draft k tokens from the
 drafter, verify them against the target rows conditioned on the drafts, emit the accepted prefix plus one
 token, continue from the new prefix until >= n tokens, truncate to n. Every draft, accept/reject and
@@ -25,21 +25,13 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
-from toy_models import make_pair
+from support.enumeration import Rule, accept_onehot, accept_ratio, recover_argmax, recover_sample, round_outcomes
+from support.toy_models import make_pair
 
 from minimtp.sampling import SamplingParams
-from minimtp.speculative import (
-    acceptance_probability,
-    acceptance_ratio,
-    residual_argmax,
-    residual_or_target,
-    residual_sample,
-)
 
 V, N_TOKENS, PROMPT = 5, 3, (1, 3)
 TARGET, DRAFTER = make_pair(V, seed=7)
@@ -56,18 +48,8 @@ SETTINGS = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A rule = how drafts are proposed + P(accept) + the distribution emitted on rejection.
+# A rule = how drafts are proposed + P(accept) + the distribution emitted on rejection (support/enumeration.py).
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    # proposals(ctx, params) -> [(draft x, P(propose x), q row handed to the verifier or None)]
-    proposals: Callable
-    # accept(p, q, x) -> P(accept x) as a float
-    accept: Callable
-    # recover(p, q, x) -> [V] float64 tensor, the (unnormalised) distribution of the token emitted on rejection
-    recover: Callable
 
 
 def _sampled_from(q_of):
@@ -82,78 +64,34 @@ def _argmax_draft(ctx, params):
     return [(int(DRAFTER.logits(ctx).argmax()), 1.0, None)]
 
 
-def _accept_ratio(p, q, x):
-    return float(acceptance_probability(acceptance_ratio(p[x], q[x])))
-
-
-def _accept_onehot(p, q, x):
-    return float(acceptance_probability(acceptance_ratio(p[x])))
-
-
-def _recover_sample(p, q, x):
-    return residual_or_target(residual_sample(p, q)[None], p[None])[0]
-
-
-def _recover_argmax(p, q, x):
-    return residual_or_target(residual_argmax(p, torch.tensor(x))[None], p[None])[0]
-
-
 # The two exact rules, as minimtp's verify implements them.
-SAMPLE = Rule(_sampled_from(DRAFTER.probs), _accept_ratio, _recover_sample)
-ARGMAX = Rule(_argmax_draft, _accept_onehot, _recover_argmax)
+SAMPLE = Rule(_sampled_from(DRAFTER.probs), accept_ratio, recover_sample)
+ARGMAX = Rule(_argmax_draft, accept_onehot, recover_argmax)
 
 # (a) transformers: argmax drafts, but verified with the raw drafter softmax q as if x ~ q.
 _raw_q = lambda ctx: torch.softmax(DRAFTER.logits(ctx), -1)
 BUG_HF = Rule(
     lambda ctx, params: [(int(DRAFTER.logits(ctx).argmax()), 1.0, _raw_q(ctx))],
-    _accept_ratio,
-    _recover_sample,
+    accept_ratio,
+    recover_sample,
 )
 # (b) token matching: t ~ p, accept iff t == x (probability p(x)); on mismatch sample a fresh token from p.
-BUG_MATCH_RESAMPLE = Rule(_sampled_from(DRAFTER.probs), _accept_onehot, lambda p, q, x: p)
+BUG_MATCH_RESAMPLE = Rule(_sampled_from(DRAFTER.probs), accept_onehot, lambda p, q, x: p)
 # faithful token matching: the mismatching t itself is emitted, i.e. t ~ p conditioned on t != x. Exact.
-MATCH_FAITHFUL = Rule(_sampled_from(DRAFTER.probs), _accept_onehot, _recover_argmax)
+MATCH_FAITHFUL = Rule(_sampled_from(DRAFTER.probs), accept_onehot, recover_argmax)
 # (c) sample mode, drafts drawn from the unprocessed drafter softmax, verified against the processed q'.
-BUG_RAW_DRAFT = Rule(_sampled_from(lambda ctx, params: _raw_q(ctx)), _accept_ratio, _recover_sample)
+BUG_RAW_DRAFT = Rule(_sampled_from(lambda ctx, params: _raw_q(ctx)), accept_ratio, recover_sample)
 # (d) xllm: the residual subtracts q only at the drafted token: p with p(x) -> (p(x) - q(x))^+.
 BUG_XLLM = Rule(
     _sampled_from(DRAFTER.probs),
-    _accept_ratio,
+    accept_ratio,
     lambda p, q, x: torch.where(torch.arange(V) == x, (p - q).clamp_min(0), p),
 )
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The enumeration.
+# The enumeration, round after round (one round: support/enumeration.py).
 # ---------------------------------------------------------------------------------------------------------
-
-
-def round_outcomes(ctx: tuple, k: int, rule: Rule, params: SamplingParams, target=None) -> dict[tuple, float]:
-    """{emitted chunk: probability} of one round (k drafts, verify, emit accepted + 1) from context ctx.
-    ``target(prefix, params)``: the processed target row after ``prefix`` (default: TARGET.probs)."""
-    target = target or TARGET.probs
-    out: dict[tuple, float] = defaultdict(float)
-
-    def emit(drafts, prob, dist):
-        dist = dist / dist.sum()
-        for y in range(V):
-            if dist[y] > 0:
-                out[drafts + (y,)] += prob * float(dist[y])
-
-    def walk(drafts: tuple, prob: float):
-        p = target(ctx + drafts, params)  # target row conditioned on the drafts so far
-        if len(drafts) == k:
-            emit(drafts, prob, p)  # all accepted: bonus token from p
-            return
-        for x, w, q in rule.proposals(ctx + drafts, params):
-            a = rule.accept(p, q, x)
-            if a > 0:
-                walk(drafts + (x,), prob * w * a)
-            if a < 1:
-                emit(drafts, prob * w * (1 - a), rule.recover(p, q, x))
-
-    walk((), 1.0)
-    return out
 
 
 def speculative_distribution(k: int, rule: Rule, params: SamplingParams, n: int = N_TOKENS) -> dict:
@@ -163,7 +101,7 @@ def speculative_distribution(k: int, rule: Rule, params: SamplingParams, n: int 
     while frontier:
         nxt: dict[tuple, float] = defaultdict(float)
         for gen, prob in frontier.items():
-            for chunk, pc in round_outcomes(PROMPT + gen, k, rule, params).items():
+            for chunk, pc in round_outcomes(PROMPT + gen, k, rule, params, TARGET.probs).items():
                 seq = gen + chunk
                 (final if len(seq) >= n else nxt)[seq[:n]] += prob * pc
         frontier = nxt

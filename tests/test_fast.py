@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_assistant import S, assistant_dir, mt_steps, prompt  # noqa: F401  (assistant_dir is a fixture)
-from test_engine import PROMPTS, untie_minimtp
+from support.drafting import S, mt_steps, prompt
+from support.untied import PROMPTS, untie_minimtp
 
 import minimtp
 from minimtp.fast import FastEngine, optimize, upcast, weights_dtype
@@ -245,7 +245,7 @@ def test_int8_drafter_structure(saved, family):
 
 
 @pytest.mark.parametrize("ordered", [True, False], ids=["centroid", "dense_head"])
-def test_int8_drafter_stays_close(assistant_dir, ordered):  # noqa: F811
+def test_int8_drafter_stays_close(assistant_dir, ordered):
     """int8 drafting (fp32 target) stays within a few percent of the fp32 drafter (relative L2 error of the logits
     and recurrent state over two steps). Measured on these models: at most 0.039 (int8 weights, bf16 activations);
     the bound 0.05 leaves 1.3x room. Exactness never depends on it; acceptance does."""

@@ -2,7 +2,7 @@
 
 The interpreter (which the other kernel tests use) accepts programs the GPU compiler rejects (``tl.dot`` with
 K < 16, type errors in the GPU-only bf16 path) and says nothing about shared memory. So
-``tests/kernel_compile_check.py`` records the launches of the real wrappers and compiles each distinct variant
+``tests/support/kernel_compile_check.py`` records the launches of the real wrappers and compiles each distinct variant
 to cubin with Triton's bundled ptxas, checking ``metadata.shared`` against the per-block limit (sm_80: 163 KiB,
 sm_90: 227 KiB). It must run in a process where the interpreter is off, hence the subprocess, whose environment
 leaves out the ``TRITON_INTERPRET=1`` that conftest.py sets for the other tests.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "kernel_compile_check.py"
+SCRIPT = ROOT / "tests" / "support" / "kernel_compile_check.py"
 
 
 def _clean_env() -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from test_speculative import verify_cases
+from support.verify_cases import verify_cases
 
 from minimtp import speculative as ref
 from minimtp.kernels import verify as kv

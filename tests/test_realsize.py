@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 import torch
-from test_assistant import hf_steps, hf_target_states, mt_steps
+from support.drafting import hf_steps, hf_target_states, mt_steps
 
 import minimtp
 from minimtp.bench import realsize as rs

@@ -5,22 +5,16 @@ cancellations around it. KV blocks all come back at the end."""
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
+from support.common import default_engine
 
-import minimtp
 from minimtp.errors import CacheFullError
-from minimtp.flags import DEFAULT_DIR
 from minimtp.kv_cache import KVCache
 from minimtp.request import make_requests
 from minimtp.scheduler import QueueFullError, Scheduler
 from minimtp.settings import GenerationSettings
-from minimtp.tokenizer import load_tokenizer
-
-HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
-pytestmark = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")
 
 PROMPTS = ["def fibonacci(n):\n    ", "import os\n", "class Stack:\n    def push(self, item):\n", "x = [", "# a"]
 SETTINGS = [  # one per request: greedy and sampled, plain and speculative, both draft modes, controls
@@ -34,10 +28,7 @@ SETTINGS = [  # one per request: greedy and sampled, plain and speculative, both
 
 @functools.cache
 def engine():
-    target = minimtp.load_target(os.path.join(DEFAULT_DIR, "target"))
-    assistant = minimtp.load_assistant(os.path.join(DEFAULT_DIR, "assistant"), target)
-    tok = load_tokenizer(os.path.join(DEFAULT_DIR, "target"))
-    return minimtp.Engine(target, assistant, block_size=4, tokenizer=tok)
+    return default_engine(block_size=4)
 
 
 def ids(i: int) -> list[int]:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import socket
 import threading
 import time
 
 import pytest
+from support.common import default_engine, default_pair
 
 import minimtp
-from minimtp.flags import DEFAULT_DIR
-from minimtp.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -28,9 +26,6 @@ try:  # the HTTP client the official openai package is built on: httpx2 since op
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     httpx = pytest.importorskip("httpx")
-
-HAVE_PAIR = os.path.isfile(os.path.join(DEFAULT_DIR, "target", "model.safetensors"))
-pytestmark = pytest.mark.skipif(not HAVE_PAIR, reason="embedded default model not present")
 
 MODEL = "minimtp-default"
 MAX_LEN = 512  # --max-model-len of the main server
@@ -128,17 +123,15 @@ def small():
     s.close()
 
 
-@functools.cache
 def tokenizer():
-    return load_tokenizer(os.path.join(DEFAULT_DIR, "target"))
+    return default_pair()[2]
 
 
 @functools.cache
 def offline() -> minimtp.Engine:
-    """The reference: the plain PyTorch Engine on its own float32 copy of the pair (the server runs the fast path)."""
-    target = minimtp.load_target(os.path.join(DEFAULT_DIR, "target"), dtype="float32")
-    assistant = minimtp.load_assistant(os.path.join(DEFAULT_DIR, "assistant"), target, dtype="float32")
-    return minimtp.Engine(target, assistant, tokenizer=tokenizer())
+    """The reference: the plain PyTorch Engine on the tests' float32 copy of the pair (the server loads its own and
+    runs the fast path)."""
+    return default_engine()
 
 
 def ids(prompt: str) -> list[int]:

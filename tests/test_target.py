@@ -1,7 +1,8 @@
 """minimtp.load_target / Gemma4 against transformers 5.23 (the oracle) on tiny random checkpoints.
 
-Families (tests/hf_models.py): e2b (PLE, KV sharing, double-wide MLP), moe (MoE + K=V), dense (31B-like K=V),
-unified (12B-like: the gemma4_unified classes, K=V with one global KV head) and unified_shared (with KV sharing).
+Families (tests/support/hf_models.py): e2b (PLE, KV sharing, double-wide MLP), moe (MoE + K=V), dense (31B-like
+K=V), unified (12B-like: the gemma4_unified classes, K=V with one global KV head) and unified_shared (with KV
+sharing).
 Prompts are 34 tokens, batch 2: longer than the sliding window W = 8, so window masking is exercised.
 """
 
@@ -14,8 +15,8 @@ import shutil
 
 import pytest
 import torch
-from hf_models import COMMON, TARGET_KW, build_multimodal, build_target
 from safetensors.torch import load_file, save_file
+from support.hf_models import COMMON, TARGET_KW, build_multimodal, build_target
 
 import minimtp
 from minimtp.config import FULL, SLIDING, load_text_config, parse_text_config

@@ -8,15 +8,13 @@ import os
 
 import pytest
 import torch
+from support.common import ASSISTANT_DIR, TARGET_DIR
 
-import minimtp
 from minimtp import train
 from minimtp.assistant import Gemma4Assistant
 from minimtp.engine import Engine
 from minimtp.model import Gemma4
 
-DEFAULT = os.path.join(os.path.dirname(minimtp.__file__), "default_model")
-TARGET_DIR, ASSISTANT_DIR = os.path.join(DEFAULT, "target"), os.path.join(DEFAULT, "assistant")
 CODE = 'def f(x):\n\t"""Tabs, ünïcode, 日本語 and emoji 🐍."""\n    return  x ** 2   # trailing  \n\n\n'
 
 TINY_TARGET = [
@@ -182,10 +180,7 @@ def test_tokenizer_roundtrip_tiny(tmp_path):
 
 # ------------------------------------------------------------------------------------------- shipped pair
 
-shipped = pytest.mark.skipif(not os.path.isfile(os.path.join(TARGET_DIR, "model.safetensors")), reason="no pair")
 
-
-@shipped
 def test_shipped_tokenizer():
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -207,7 +202,6 @@ def test_shipped_tokenizer():
 
 
 @pytest.mark.smoke
-@shipped
 def test_shipped_target_matches_transformers():
     from transformers import Gemma4ForCausalLM
 
@@ -228,7 +222,6 @@ def test_shipped_target_matches_transformers():
             assert ids + res.tokens[0] == b  # the engine's cached decoding agrees too
 
 
-@shipped
 def test_shipped_pair_acceptance():
     from minimtp.assistant import load_assistant
 

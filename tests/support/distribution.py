@@ -14,11 +14,17 @@ later positions sum over the earlier tokens.
 `stop_token_ids=[]`, so every row has the same length. `chi2_gof` is Pearson's χ² goodness-of-fit with cells of
 expected count < 5 pooled; its p-value is the χ² survival function computed with `torch.special.gammaincc`
 (no scipy needed).
+
+`run_and_test` is one whole run of tests/test_distribution.py (SETTINGS, LENGTH, DEPTH): sample, tabulate, test;
+`pair()` is the pair built once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -299,3 +305,70 @@ def make_engine(target, assistant, *, fast: bool = True, **kw):
     if fast:
         eng.attention = batched_paged_attention
     return eng
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One χ² run of the engine (tests/test_distribution.py, and its Triton verifier run in a subprocess).
+# ---------------------------------------------------------------------------------------------------------
+
+LENGTH = 5  # new tokens per sample: prefill token + one full k = 3 round (tokens 2-4) + the bonus
+DEPTH = 4  # tokens whose marginals are tested
+
+SETTINGS = {
+    "T1": SamplingParams(temperature=1.0),
+    "T0.7": SamplingParams(temperature=0.7),
+    "topk5": SamplingParams(temperature=1.0, top_k=5),
+    "topp0.8": SamplingParams(temperature=1.0, top_p=0.8),
+    "minp0.1": SamplingParams(temperature=1.0, min_p=0.1),
+    "T0.8-k8-p0.9-m0.05": SamplingParams(temperature=0.8, top_k=8, top_p=0.9, min_p=0.05),
+}
+
+
+@functools.cache
+def pair() -> tuple[Gemma4, Gemma4Assistant]:
+    """``build_pair()``, once per process and shared: build engines on it, deepcopy it before rewriting it."""
+    return build_pair()
+
+
+@functools.cache
+def _logits():
+    return continuation_logits(pair()[0], PROMPT, DEPTH)
+
+
+@functools.cache
+def tables(setting: str):
+    """``exact_tables`` of ``pair()``'s target after PROMPT, DEPTH tokens deep, under ``SETTINGS[setting]``."""
+    return exact_tables(_logits(), SETTINGS[setting])
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode()) % 1_000_000 * 100_000
+
+
+def run_and_test(engine, setting, n, *, k=3, mode="argmax", use_assistant=True, seed_key=None):
+    """``n`` samples of LENGTH tokens from ``engine`` under ``SETTINGS[setting]``, χ²-tested against ``tables``
+    (marginals of tokens 1..DEPTH, joints (1, 2) and (2, 3)): ({name: GofResult}, acceptance rate). The seed comes
+    from the configuration, or from ``seed_key``."""
+    t0 = time.perf_counter()
+    seed = _seed(setting, mode, k, use_assistant) if seed_key is None else _seed(*seed_key)
+    stats = []
+    orig = engine.generate
+
+    def generate(*a, **kw):  # keep the stats of every chunk
+        res = orig(*a, **kw)
+        stats.append(res.stats)
+        return res
+
+    engine.generate = generate
+    try:
+        toks = sample_tokens(
+            engine, n, SETTINGS[setting], length=LENGTH, k=k, seed=seed, draft_mode=mode, use_assistant=use_assistant
+        )
+    finally:
+        del engine.generate
+    res = check_all(toks, tables(setting), positions=tuple(range(1, DEPTH + 1)), pairs=((1, 2), (2, 3)))
+    drafted = sum(s.drafted for s in stats)
+    acc = sum(s.accepted for s in stats) / drafted if drafted else 0.0
+    what = f"{mode} k={k}" if use_assistant else "plain"
+    print(f"\n[{setting} {what} N={n}] acceptance={acc:.3f} ({time.perf_counter() - t0:.1f}s) {fmt(res)}")
+    return res, acc

@@ -4,8 +4,8 @@ Run by ``tests/test_kernel_compile.py`` in a separate process, because the inter
 that compiles (see docs/concepts/kernels.md); the script removes ``TRITON_INTERPRET`` from its own environment
 before it imports torch or triton, so it runs the same from a shell that exports it:
 
-    python tests/kernel_compile_check.py [--arch 80 90] [--json out.json]
-    python tests/kernel_compile_check.py --bad-dot   # must FAIL
+    python tests/support/kernel_compile_check.py [--arch 80 90] [--json out.json]
+    python tests/support/kernel_compile_check.py --bad-dot   # must FAIL
 
 (``MINIMTP_KERNEL_COMPILE_ONLY=1``, which older instructions put in front, is no longer needed and is ignored.)
 

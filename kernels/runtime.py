@@ -59,7 +59,7 @@ def check_launch(kernel, device: torch.device) -> bool:
       compiled-mode and the first call inside an interpreted kernel fails ("Cannot call @triton.jit'd outside
       of the scope of a kernel").
     * Compiled: CUDA tensors only.
-    * Anything else — the launch recorder of ``tests/kernel_compile_check.py`` — counts as compiled and needs no
+    * Anything else — the launch recorder of ``tests/support/kernel_compile_check.py`` — counts as compiled and needs no
       device.
     """
     if isinstance(kernel, InterpretedFunction):

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (minimtp/serve.py, minimtp/serving.py) end to end, over real HTTP on loopback.
+"""The OpenAI-compatible server (minimtp/serve/: cli, app, loop, metrics) end to end, over real HTTP on loopback.
 
 Two servers per module on the embedded pair in float32 (so greedy and seeded outputs compare exactly with an
 offline :class:`minimtp.Engine` on the same weights): the main one, and a small one with ``--api-key`` and room for

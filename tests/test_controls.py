@@ -1,7 +1,7 @@
 """Controls (minimtp/controls/: penalties, logits, grammar, token_healing, stop_strings; seeds in sampling.py):
 unit tests on tiny vocabularies, then deterministic engine-level tests on the embedded pair (speculative == plain
-under every control; stop strings only truncate; per-prompt seeds). The statistical tests are in test_controls_exact.py and
-test_controls_distribution.py."""
+under every control; stop strings only truncate; per-prompt seeds). The statistical tests are in
+test_controls_exact.py and test_controls_distribution.py."""
 
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ DD_CONTEXT = "drafter sees K/V at its own position"
 DD_HIDDEN0 = "wrong hidden state for step 1"
 DD_VOCAB = "mean over the vocabulary"
 DD_DETACHED = "detached graph"
+DD_WEIGHTS = "wrong count in the average"
+DD_SCALAR = "loss not a scalar"
 DD_FROZEN = "target not frozen"
 DD_ACCEPT = "acceptance too low"
 DD_TRAIN = "train() worse than the given loop"
@@ -57,6 +59,11 @@ BUG_HINTS.update({
     DD_VOCAB: "the cross-entropy SUMS over the vocabulary: -sum_x p(x) log q(x).",
     DD_DETACHED: "keep the graph: no .detach(), .item(), torch.no_grad() or re-wrapped hidden state between steps "
     "(the target's outputs may be detached, the drafter's may not).",
+    DD_WEIGHTS: "average each draft step over ITS OWN valid positions (n_j = B (S - j) of them: fewer for later "
+    "steps), then average the k step losses with weight 1/k each: not one mean pooled over every (step, position) "
+    "pair, not a sum divided by another step's count or by all B S positions.",
+    DD_SCALAR: "return one number, a 0-dim tensor: the mean over each step's valid positions (over the batch AND the "
+    "sequence), then the mean over the steps; a mean over one axis only leaves a vector.",
     DD_TRAIN: "train() may change the hyper-parameters but must train as well as the given loop: zero the "
     "gradients every step (opt.zero_grad()), train every draft step (k >= 2), step the optimizer.",
     DD_FROZEN: "compute the target's outputs under torch.no_grad() (teacher() does) and never pass its parameters to "
@@ -171,6 +178,89 @@ def _mistake(losses: dict[int, float], x, drafter_seed: int) -> tuple[str, str]:
     return DD_LOSS, "no classic mistake reproduces it"
 
 
+def _step_losses(target, drafter, x: torch.Tensor, k: int) -> tuple[list[torch.Tensor], list[int]]:
+    """L_j, the definition's loss of draft step j alone (mean CE over its valid positions; in the drafter's graph),
+    and n_j, its number of valid positions, for j = 1..k; the definition is the mean of the L_j. The drafter steps
+    are the library's (minimtp.train.distill, float32), recorded; the CE is taken here."""
+    from minimtp.train.distill import distill_loss
+
+    B, S = x.shape
+    rec = _StepRecorder(drafter)
+    distill_loss(target, rec, x, k, dtype="fp32")
+    with torch.no_grad():
+        p_all = torch.softmax(target.forward_with_kv(x)[0].float(), -1)  # row i: the distribution of token i + 1
+    losses, counts = [], []
+    for j, z in enumerate(rec.logits, start=1):
+        rows = torch.arange(S) + j - 1
+        keep = ((torch.arange(S) >= 1) & (rows <= S - 1)).repeat(B)
+        p = p_all[:, rows.clamp(max=S - 1)].reshape(B * S, -1)
+        losses.append(-(p * torch.log_softmax(z.float(), -1)).sum(-1)[keep].mean())
+        counts.append(int(keep.sum()))
+    return losses, counts
+
+
+def _flat_grad(loss, params) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]).double()
+
+
+def _weights(mod, x: torch.Tensor, k: int, drafter_seed: int) -> tuple[str, str] | None:
+    """DD_WEIGHTS if the file's loss is sum_j c_j L_j, value AND gradient, with weights c_j other than the
+    definition's 1/k: the right per-step losses, averaged with the wrong counts. None if it is not such a loss (or
+    cannot be differentiated)."""
+    st = _distil_setup()
+    target = st["target"]
+    B, S = x.shape
+    try:
+        d_ref = _fresh_drafter(drafter_seed).train()
+        d_got = _fresh_drafter(drafter_seed).train()
+        loss = mod.distill_loss(target, d_got, x, mod.teacher(target, x), k)
+        if not (torch.is_tensor(loss) and loss.dim() == 0 and loss.requires_grad):
+            return None
+        params = [p for p in d_ref.parameters() if p.requires_grad]
+        got_params = [p for p in d_got.parameters() if p.requires_grad]
+        g = _flat_grad(loss, got_params)
+    except Exception:
+        return None
+    steps, n = _step_losses(target, d_ref, x, k)
+    A = torch.stack([_flat_grad(L, params) for L in steps], 1)  # [P, k]: the gradient of every step's loss
+    c = torch.linalg.lstsq(A, g.unsqueeze(1)).solution.squeeze(1)
+    residual = float((A @ c - g).norm()) / max(float(g.norm()), 1e-30)
+    value = float(sum(float(cj) * float(L.detach()) for cj, L in zip(c, steps)))
+    c = [float(cj) for cj in c]
+    if residual > 1e-3 or abs(float(loss.detach()) - value) > 1e-4 * abs(value):
+        return None  # not a weighted mean of the right per-step losses
+    if all(abs(cj - 1 / k) <= 1e-3 / k for cj in c):
+        return None  # the definition's weights: nothing to say here
+    close = lambda want: all(abs(cj - w) <= 1e-3 * abs(w) for cj, w in zip(c, want))
+    if close([nj / sum(n) for nj in n]):
+        how = (
+            f"the weights are n_j / sum n = {', '.join(f'{nj}/{sum(n)}' for nj in n)}: ONE mean pooled over "
+            "every (step, position) pair (sum of all CEs / total count), so the steps with more valid positions "
+            "weigh more"
+        )
+    elif close([nj / (k * n[0]) for nj in n]):
+        how = (
+            f"every step's CE sum is divided by step 1's count n_1 = {n[0]}, not by its own n_j "
+            f"({', '.join(map(str, n))})"
+        )
+    elif close([nj / (k * B * S) for nj in n]):
+        how = f"every step's CE sum is divided by all B S = {B * S} positions, not by its n_j valid ones"
+    else:
+        how = "the per-step losses are right but are not averaged with weight 1/k each"
+    cs = " + ".join(f"{cj:.4f} L_{j}" for j, cj in enumerate(c, start=1))
+    return DD_WEIGHTS, (f"your loss is {cs} (value and gradient), where L_j is the mean CE over step j's n_j valid "
+                        f"positions (n = {', '.join(map(str, n))}); the definition is their mean, weight 1/{k} = "
+                        f"{1 / k:.4f} each: {how}")  # fmt: skip
+
+
+def _check_scalar(loss, x: torch.Tensor, k: int) -> None:
+    check(torch.is_tensor(loss), DD_SCALAR, lambda: f"distill_loss returned {type(loss).__name__}, not a tensor")
+    check(loss.dim() == 0, DD_SCALAR, lambda: f"batch of {x.shape[0]} sequences of {x.shape[1]} tokens, k = {k}: "
+          f"distill_loss returned a tensor of shape {list(loss.shape)}, not a scalar: a mean over one axis only "
+          "(average over the batch AND the positions, then over the steps)")  # fmt: skip
+
+
 def check_loss_value(mod, x: torch.Tensor, ks: tuple[int, ...], drafter_seed: int) -> None:
     st = _distil_setup()
     target = st["target"]
@@ -179,7 +269,7 @@ def check_loss_value(mod, x: torch.Tensor, ks: tuple[int, ...], drafter_seed: in
     with torch.no_grad():
         for k in ks:
             loss = mod.distill_loss(target, drafter, x, mod.teacher(target, x), k)
-            check(torch.is_tensor(loss) and loss.dim() == 0, DD_LOSS, "distill_loss must return a scalar tensor")
+            _check_scalar(loss, x, k)
             got[k] = float(loss)
     for k in ks:
         with torch.no_grad():
@@ -187,6 +277,8 @@ def check_loss_value(mod, x: torch.Tensor, ks: tuple[int, ...], drafter_seed: in
         if abs(got[k] - w) <= 1e-4 * abs(w):
             continue
         bug, why = _mistake(got, x, drafter_seed)
+        if bug == DD_LOSS:
+            bug, why = _weights(mod, x, k, drafter_seed) or (bug, why)
         raise Failure(bug, f"batch of {x.shape[0]} sequences of {x.shape[1]} tokens, k = {k}: loss {got[k]:.6f}, "
                       f"the definition gives {w:.6f}: {why}")  # fmt: skip
 
@@ -209,6 +301,7 @@ def check_loss_gradient(mod, x: torch.Tensor, k: int, drafter_seed: int) -> None
     d_ref = _fresh_drafter(drafter_seed).train()
     d_got = copy.deepcopy(d_ref)
     loss = mod.distill_loss(target, d_got, x, mod.teacher(target, x), k)
+    _check_scalar(loss, x, k)
     check(
         torch.is_tensor(loss) and loss.requires_grad,
         DD_DETACHED,
@@ -231,22 +324,22 @@ def check_loss_gradient(mod, x: torch.Tensor, k: int, drafter_seed: int) -> None
         return
     with torch.no_grad():
         g, w = float(loss.detach()), float(_reference_loss(target, d_ref, x, k))
-    bug, why = (
-        (
+    if abs(g - w) <= 1e-4 * abs(w):
+        # the right per-step losses averaged with the wrong counts can give a value within 1e-4 (a mean pooled over
+        # every (step, position) pair) and a gradient that is not: name that before blaming a cut graph
+        bug, why = _weights(mod, x, k, drafter_seed) or (
             DD_DETACHED,
-            "the loss value is right, so part of the graph was cut (a .detach(), .item(), no_grad or "
-            "a hidden state re-wrapped between steps)",
+            "the loss value is right and its gradient is no reweighting of the steps' gradients, so part of the "
+            "graph was cut (a .detach(), .item(), no_grad or a hidden state re-wrapped between steps)",
         )
-        if abs(g - w) <= 1e-4 * abs(w)
-        else (DD_GRAD, "")
-    )
-    if bug == DD_GRAD:  # the value differs too: name the mistake on the loss test's inputs
+    else:  # the value differs too: name the mistake on the loss test's inputs
         px, pseed = _public_loss_inputs()
         with torch.no_grad():
             d = _fresh_drafter(pseed)
             losses = {kk: float(mod.distill_loss(target, d, px, mod.teacher(target, px), kk)) for kk in PUBLIC_LOSS_KS}
         bug, why = _mistake(losses, px, pseed)
-        bug, why = (DD_GRAD, "") if bug == DD_LOSS else (bug, why)
+        if bug == DD_LOSS:
+            bug, why = _weights(mod, x, k, drafter_seed) or (DD_GRAD, "")
     grad_state = "no gradient" if worst[0] == float("inf") else f"relative error {worst[0]:.2e}"
     raise Failure(bug, f"k = {k}: the gradient of {worst[1]} differs from the reference's ({grad_state})"
                   + (f": {why}" if why else ""))  # fmt: skip
@@ -267,7 +360,8 @@ def loss_has_gradients(mod):
     drafter = _fresh_drafter()
     drafter.train()
     loss = mod.distill_loss(target, drafter, x, mod.teacher(target, x), 2)
-    check(torch.is_tensor(loss) and loss.requires_grad, DD_DETACHED, "the loss has no grad_fn")
+    _check_scalar(loss, x, 2)
+    check(loss.requires_grad, DD_DETACHED, "the loss has no grad_fn")
     loss.backward()
     g1 = drafter.pre_projection.weight.grad
     check(g1 is not None and bool(torch.isfinite(g1).all()) and float(g1.abs().sum()) > 0, DD_DETACHED,

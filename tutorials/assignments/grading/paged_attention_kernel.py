@@ -32,6 +32,7 @@ PA_PRECISION = "low-precision accumulation"
 PA_HEAD_DIM = "head-dim padding not masked"
 PA_MAX_INIT = "running max initialised to 0"
 PA_STRIDES = "strides assumed contiguous"
+PA_LOOP = "key loop bounds"
 
 # torch functions / tensor methods that compute attention (or its pieces): forbidden outside @triton.jit code
 _TORCH_MATH = {"softmax", "log_softmax", "softmin", "matmul", "mm", "bmm", "baddbmm", "addbmm", "addmm", "addmv",
@@ -150,6 +151,9 @@ BUG_HINTS.update({
     "and on the store.",
     PA_MAX_INIT: "start the running max m at -inf: with m = 0, exp(s - m) underflows when every score is very "
     "negative and l ends at 0.",
+    PA_LOOP: "loop over the key tiles from the first visible key lo = max(pos - window + 1, 0) (0 without a "
+    "window) to the query's own position pos INCLUSIVE: range(lo, pos + 1, TILE_N); the masks cannot bring back a "
+    "key the loop never visits, and a row that visits none ends with l = 0 (0 / 0 = NaN).",
     PA_STRIDES: "address q, out and the pools with the strides the wrapper passes (stride_kh, not HEAD_D): a view "
     "of a fused buffer is not contiguous.",
 })

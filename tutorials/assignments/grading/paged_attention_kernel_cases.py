@@ -13,6 +13,7 @@ from .paged_attention_kernel import (
     PA_GQA,
     PA_HEAD_DIM,
     PA_LAYOUT,
+    PA_LOOP,
     PA_MAX_INIT,
     PA_NAN,
     PA_NO_CAUSAL,
@@ -88,29 +89,70 @@ def _attn_dense(q, k_cache, v_cache, tables, seq_lens, cu_q_lens, window, scale,
     return out
 
 
-def _attn_diagnose(got, args, window, scale, q_lens, seq_lens, Hq, Hkv, want, nan_window) -> tuple[str, str]:
-    """Name the bug class: the first classic mistake whose output the kernel reproduces, else a heuristic."""
+def _rows(q_lens, seq_lens, window) -> list[tuple[int, int, int, int]]:
+    """(sequence, absolute position, first visible key lo, last visible key pos) of every packed query row."""
+    rows = []
+    for b, (ql, L) in enumerate(zip(q_lens, seq_lens)):
+        for r in range(ql):
+            pos = L - ql + r
+            rows.append((b, pos, max(pos - window + 1, 0) if window > 0 else 0, pos))
+    return rows
+
+
+def _attn_keys(args, scale, b: int, row: int, s: int, e: int) -> torch.Tensor:
+    """Attention of query row ``row`` (of sequence b) over keys s..e-1 only, in float64 [Hq, D]; NaN if s >= e."""
+    q, k_cache, v_cache, tables = args[0], args[1], args[2], args[3]
+    Hq, D = q.shape[1], q.shape[2]
+    if s >= e:
+        return torch.full((Hq, D), float("nan"), dtype=torch.float64)
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    kh = torch.arange(Hq) // (Hq // Hkv)
+    kpos = torch.arange(s, e)
+    blocks = tables[b].long()[kpos // bs]
+    K = k_cache[blocks, kpos % bs].double()[:, kh]  # [n, Hq, D]
+    V = v_cache[blocks, kpos % bs].double()[:, kh]
+    w = torch.softmax(torch.einsum("nhd,hd->hn", K, q[row].double()) * scale, -1)
+    return torch.einsum("hn,nhd->hd", w, V)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Equal NaN pattern and the rest within ``tol``."""
+    a, b = a.double(), b.double()
+    return bool((torch.isnan(a) == torch.isnan(b)).all()) and float((a - b).nan_to_num(0.0).abs().max()) <= tol
+
+
+def _loop_bounds(got, args, window, scale, q_lens, seq_lens, want) -> tuple[str, str] | None:
+    """PA_LOOP if every wrong row is exactly attention over a truncated range of its visible keys lo..pos: keys
+    lo..e-1 with e <= pos (the loop over key tiles stops early; none at all: 0 / 0 = NaN) or s..pos with s > lo (it
+    starts late). The masks and the math are then right; the loop does not cover the keys they allow."""
+    rows = _rows(q_lens, seq_lens, window)
+    bad = [i for i in range(len(rows)) if not _same(got[i], want[i], 1e-4)]
+    if not bad:
+        return None
+    found = []
+    for i in bad:
+        b, pos, lo, hi = rows[i]
+        cands = [(lo, e) for e in range(hi, lo - 1, -1)] + [(s, hi + 1) for s in range(lo + 1, hi + 2)]
+        hit = next(((s, e) for s, e in cands if _same(got[i], _attn_keys(args, scale, b, i, s, e), 1e-4)), None)
+        if hit is None:
+            return None
+        found.append((i, pos, lo, hit))
+    parts = []
+    for i, pos, lo, (s, e) in found[:3]:
+        seen = "no key at all (l = 0, so the output is 0 / 0 = NaN)" if s >= e else f"only keys {s}..{e - 1}"
+        parts.append(f"row {i} (position {pos}, visible keys {lo}..{pos}) accumulated {seen}")
+    more = f" (and {len(found) - 3} more rows)" if len(found) > 3 else ""
+    n_ok = len(rows) - len(bad)
+    ok = f"; the other {n_ok} row{'s are' if n_ok > 1 else ' is'} right" if n_ok else ""
+    return PA_LOOP, ("; ".join(parts) + more + ok + ". The masks and the softmax are right but the loop over key "
+                     "tiles does not visit every visible key: it must run from the "
+                     "first visible key lo to pos INCLUSIVE, range(lo, pos + 1, TILE_N) (the end of a range is "
+                     "exclusive)")  # fmt: skip
+
+
+def _attn_variants(got, args, window, scale, Hq, Hkv) -> tuple[str, str] | None:
+    """The first classic mistake whose dense output (``_attn_dense`` with its switches) the kernel reproduces."""
     D = args[0].shape[-1]
-    if bool(torch.isnan(got).any()):
-        r = int(torch.isnan(got).any(-1).any(-1).nonzero()[0, 0])
-        for bug, why, kw in [
-            (PA_WINDOW, f"the output (NaN included) is attention with a window of {window + 1} keys instead of "
-             f"{window}: the extra key lies in a freed block", dict(win_shift=1)),
-            (PA_WINDOW_IGNORED, "the output (NaN included) is full causal attention: the window was ignored and "
-             "freed blocks were read", dict(window=0)),
-        ]:  # fmt: skip
-            if not window:
-                continue
-            alt = _attn_dense(*args, kw.get("window", window), scale, win_shift=kw.get("win_shift", 0))
-            same_nan = bool((torch.isnan(got) == torch.isnan(alt)).all())
-            if same_nan and float((got.double() - alt).nan_to_num(0.0).abs().max()) <= 1e-3:
-                return bug, why
-        if not nan_window and D & (D - 1):
-            return PA_HEAD_DIM, (f"NaN in the output from query row {r}, with head dim {D} (padded to a power of two) "
-                                 "and no freed block in this case: the loads read past the head dim (mask d < HEAD_D "
-                                 "on every load and store)")  # fmt: skip
-        return PA_NAN, (f"NaN in the output from query row {r}: the kernel loaded K/V outside the visible keys "
-                        "(freed blocks of a sliding window hold garbage: mask every load)")  # fmt: skip
     variants = []
     if scale != 1.0:
         variants.append((PA_SCALE, "the output is attention with scale 1: the scores were not multiplied by `scale`",
@@ -161,6 +203,53 @@ def _attn_diagnose(got, args, window, scale, q_lens, seq_lens, Hq, Hkv, want, na
         diff = (got.double() - alt).nan_to_num(0.0).abs().max()
         if float(diff) <= 1e-3 and not bool((torch.isnan(got) != torch.isnan(alt)).any()):
             return bug, why
+    return None
+
+
+def _attn_diagnose(got, args, window, scale, q_lens, seq_lens, Hq, Hkv, want, nan_window,
+                   got_finite=None) -> tuple[str, str]:  # fmt: skip
+    """Name the bug class: the first classic mistake whose output the kernel reproduces, else a heuristic.
+    ``got_finite``: the kernel's output on the same case with every NaN of the pools replaced by 0 (None: not run)."""
+    D = args[0].shape[-1]
+    if bool(torch.isnan(got).any()):
+        r = int(torch.isnan(got).any(-1).any(-1).nonzero()[0, 0])
+        for bug, why, kw in [
+            (PA_WINDOW, f"the output (NaN included) is attention with a window of {window + 1} keys instead of "
+             f"{window}: the extra key lies in a freed block", dict(win_shift=1)),
+            (PA_WINDOW_IGNORED, "the output (NaN included) is full causal attention: the window was ignored and "
+             "freed blocks were read", dict(window=0)),
+        ]:  # fmt: skip
+            if not window:
+                continue
+            alt = _attn_dense(*args, kw.get("window", window), scale, win_shift=kw.get("win_shift", 0))
+            same_nan = bool((torch.isnan(got) == torch.isnan(alt)).all())
+            if same_nan and float((got.double() - alt).nan_to_num(0.0).abs().max()) <= 1e-3:
+                return bug, why
+        persists = got_finite is not None and bool(torch.isnan(got_finite).any())
+        if persists:  # NaN although no block of the pools holds NaN any more: not (only) a read of a freed block
+            finite = [args[0], args[1].nan_to_num(0.0), args[2].nan_to_num(0.0), *args[3:]]
+            found = _attn_variants(got_finite, finite, window, scale, Hq, Hkv) or _loop_bounds(
+                got_finite, finite, window, scale, q_lens, seq_lens, _attn_dense(*finite, window, scale)
+            )
+            if found:
+                return found
+        if not nan_window and D & (D - 1):
+            return PA_HEAD_DIM, (f"NaN in the output from query row {r}, with head dim {D} (padded to a power of two) "
+                                 "and no freed block in this case: the loads read past the head dim (mask d < HEAD_D "
+                                 "on every load and store)")  # fmt: skip
+        if persists:
+            r = int(torch.isnan(got_finite).any(-1).any(-1).nonzero()[0, 0])
+            return PA_OUTPUT, (f"NaN in the output from query row {r} even when every freed block holds 0 instead of "
+                               "NaN: the kernel made it (0 / 0, a row that accumulated no key: l = 0; inf - inf in "
+                               "the running max) or read memory outside the pools (an index past the block table "
+                               "or the pool); check the loop bounds, the masks and where m starts")  # fmt: skip
+        return PA_NAN, (f"NaN in the output from query row {r}: the kernel loaded K/V outside the visible keys "
+                        "(freed blocks of a sliding window hold garbage: mask every load)")  # fmt: skip
+    found = _attn_variants(got, args, window, scale, Hq, Hkv) or _loop_bounds(
+        got, args, window, scale, q_lens, seq_lens, want
+    )
+    if found:
+        return found
     if bool(torch.isnan(got).any()):
         r = int(torch.isnan(got).any(-1).any(-1).nonzero()[0, 0])
         return PA_NAN, (f"NaN in the output from query row {r}: the kernel loaded K/V outside the visible keys "
@@ -244,7 +333,11 @@ def check_attention(mod, name, q_lens, seq_lens, Hq, Hkv, D, bs, window, scale, 
         bug, why = PA_STRIDES, ("only the case with non-contiguous q / K / V fails: pass q.stride(), k_cache.stride() "
                                 "... to the kernel instead of assuming a contiguous layout")  # fmt: skip
     else:
-        bug, why = _attn_diagnose(got, args, window, scale, q_lens, seq_lens, Hq, Hkv, want, nan_window)
+        got_finite = None
+        if bool(torch.isnan(got).any()):  # NaN read from a freed block, or made by the kernel? Run it without NaN
+            finite = [a.nan_to_num(0.0) if i in (1, 2) else a.clone() for i, a in enumerate(args)]
+            got_finite = torch.as_tensor(mod.paged_attention(*finite, window=window, scale=scale))
+        bug, why = _attn_diagnose(got, args, window, scale, q_lens, seq_lens, Hq, Hkv, want, nan_window, got_finite)
     err = (got.double() - want.double()).abs().nan_to_num(float("inf")).amax(dim=(0, 2))
     group = Hq // Hkv
     heads = ", ".join(f"h{h}->kv{h // group}: {float(e):.1e}" for h, e in enumerate(err))

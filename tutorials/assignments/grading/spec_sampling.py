@@ -1,4 +1,4 @@
-"""spec_sampling: the speculative sampling rule, propose() and verify() (bug classes, the first tests)."""
+"""spec_sampling: the speculative sampling rule, propose() and verify_one() (bug classes, the first tests)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .stats import chi2_test
 
 # =========================================================================================== spec_sampling
 
-DESCRIPTIONS["spec_sampling"] = "the speculative sampling rule: propose() and verify()"
+DESCRIPTIONS["spec_sampling"] = "the speculative sampling rule: propose() and verify_one()"
 SP = "spec_sampling"
 T1 = SamplingParams(temperature=1.0)
 
@@ -107,6 +107,7 @@ SP_BONUS_ROW = "bonus from the wrong row"
 SP_NUM_DRAFTS = "num_drafts ignored"
 SP_LAYOUT = "output layout"
 SP_INVALID = "invalid draft id accepted"
+SP_INVALID_INDEX = "invalid draft id used as an index"
 SP_P_ZERO_OUT = "emitted token with p = 0"
 SP_OUTPUT = "output distribution is not p"
 
@@ -148,6 +149,9 @@ BUG_HINTS.update({
     SP_LAYOUT: "out_ids [B, K+1]: accepted drafts, one more token, then -1; num_emitted = accepted + 1.",
     SP_INVALID: "a draft id outside [0, V) is rejected whatever u is: check 0 <= x < V before reading p[x] "
     "(p[-1] is a valid index in Python).",
+    SP_INVALID_INDEX: "check 0 <= x < V BEFORE reading p[j, x] or q[j, x]: an id outside [0, V) (a pad, an id from a "
+    "drafter with a larger vocabulary) must be rejected, not raise IndexError (and p[j, -1] silently reads the last "
+    "token).",
     SP_P_ZERO_OUT: "the emitted token must have p > 0 in its row: sample the residual / bonus with "
     "sample(dist, noise).",
 })

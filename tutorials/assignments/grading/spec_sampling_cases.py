@@ -13,7 +13,7 @@ from minimtp.sampling import (
     sample,
 )
 
-from .core import TESTS, Test, check, test
+from .core import TESTS, Failure, Test, _where, check, test
 from .spec_sampling import (
     CASES,
     SP,
@@ -22,6 +22,7 @@ from .spec_sampling import (
     SP_BONUS,
     SP_BONUS_ROW,
     SP_INVALID,
+    SP_INVALID_INDEX,
     SP_LAYOUT,
     SP_NUM_DRAFTS,
     SP_ONE_U,
@@ -135,16 +136,51 @@ def bonus_after_acceptance(mod):
     check_bonus(mod, torch.Generator().manual_seed(22), 6, 4000, 22)
 
 
+def _is_index_error(e: BaseException) -> bool:
+    """An out-of-range index: Python's / torch's IndexError, or the RuntimeError some torch ops raise for it."""
+    return isinstance(e, IndexError) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("out of bounds", "out of range", "index"))
+    )
+
+
+def _verify_invalid_ids(mod, case: str, V: int, args: tuple):
+    """``mod.verify(*args)``, whose draft ids ``args[1]`` may include ids outside [0, V). If it raises an index error
+    and runs with those ids replaced by valid ones (id mod V), the file reads p[x] before checking 0 <= x < V: name
+    that bug class (SP_INVALID_INDEX), not the test's default (the output layout)."""
+    invalid = sorted({int(i) for i in args[1].flatten().tolist() if not 0 <= i < V})
+    try:
+        return mod.verify(*args)
+    except Exception as e:
+        if not invalid or not _is_index_error(e):
+            raise
+        try:
+            mod.verify(args[0], args[1].remainder(V), *args[2:])
+        except Exception:
+            raise e from None  # it fails with valid ids too: not the invalid ids' fault
+        where = _where(e, getattr(mod, "__file__", "") or "")
+        raise Failure(
+            SP_INVALID_INDEX,
+            f"{case}, draft ids {invalid} outside [0, {V}) in the batch: verify raised {type(e).__name__}: {e}"
+            f"{f' (at {where})' if where else ''}; with valid ids in their place it runs: the invalid id was used as "
+            "an index before it was rejected",
+        ) from None
+
+
 def check_invariants(mod, g: torch.Generator, trials: int = 20, max_v: int = 9) -> None:
     V = 5  # out-of-range ids, negative ones included, are rejected even at u = 0 (p is uniform: p(id mod V) > 0)
     for q in (None, torch.full((2, 1, V), 1.0 / V)):
-        out, n = mod.verify(
-            torch.full((2, 2, V), 1.0 / V),
-            torch.tensor([[-1], [V]]),
-            q,
-            torch.ones(2, dtype=torch.long),
-            torch.zeros(2, 1, dtype=torch.float64),
-            draw_exponentials(make_generators(0, 2), V),
+        out, n = _verify_invalid_ids(
+            mod,
+            f"{'argmax' if q is None else 'sampled'} drafts, V={V}",
+            V,
+            (
+                torch.full((2, 2, V), 1.0 / V),
+                torch.tensor([[-1], [V]]),
+                q,
+                torch.ones(2, dtype=torch.long),
+                torch.zeros(2, 1, dtype=torch.float64),
+                draw_exponentials(make_generators(0, 2), V),
+            ),
         )
         n = torch.as_tensor(n).view(-1)
         check(
@@ -167,9 +203,8 @@ def check_invariants(mod, g: torch.Generator, trials: int = 20, max_v: int = 9) 
             if K:
                 draft[0, 0] = V + 3 if trial % 4 == 0 else -1  # invalid ids: must be rejected
         nd = torch.randint(0, K + 1, (B,), generator=g)
-        out, n = mod.verify(
-            p, draft, q if mode == "sample" else None, nd, draw_uniforms(gens, K), draw_exponentials(gens, V)
-        )
+        args = (p, draft, q if mode == "sample" else None, nd, draw_uniforms(gens, K), draw_exponentials(gens, V))
+        out, n = _verify_invalid_ids(mod, f"{mode} drafts, K={K}, V={V}", V, args)
         out, n = torch.as_tensor(out), torch.as_tensor(n)
         case = f"{mode} drafts, K={K}, V={V}"
         check(

@@ -3,8 +3,11 @@
 Read tutorials/04_speculative_sampling.py first. You write two functions:
 
 * ``propose`` — how a draft token is produced from the drafter's logits, and which q the verifier must use;
-* ``verify`` — given k drafts and the target's k+1 rows, accept a prefix and emit one more token, so that the
-  emitted tokens are distributed EXACTLY as sampling from the target one token at a time.
+* ``verify_one`` — given one sequence's n drafts and the target's n+1 rows, accept a prefix and emit one more
+  token, so that the emitted tokens are distributed EXACTLY as sampling from the target one token at a time.
+
+``verify`` at the end of the file is given: it has the batched signature of ``minimtp.speculative.verify``, which
+the grader calls, and runs your ``verify_one`` on every sequence of the batch (you need not change it).
 
 Randomness is passed in (never call torch.rand here): ``noise`` rows of Exp(1) draw a token with
 ``minimtp.sampling.sample(probs, noise)`` (the exponential race), ``u`` are U[0, 1) uniforms for the accept tests.

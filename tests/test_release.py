@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tokenize
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -70,6 +73,123 @@ def test_release_layout(release):
     assert "tutorials/assignments/README.md" not in names  # the developers' README lists the fixtures
     readme = (release / "README.md").read_text(encoding="utf-8")
     assert "python tutorials/assignments/grade.py" in readme and "pip install minimtp" in readme
+
+
+# a markdown link or image, or code (a fenced block, an inline span: not markdown, skipped)
+_MD_LINK = re.compile(r"(?P<code>```.*?```|`[^`\n]*`)|(?P<label>!?\[[^\[\]]*\])\((?P<target>[^)\s]+)\)", re.S)
+DOCS_URL = "https://docs.example/minimtp"
+
+
+def _links(text: str) -> list[tuple[str, str]]:
+    """(label, target) of every link and image of a markdown text, outside code."""
+    return [(m["label"], m["target"]) for m in _MD_LINK.finditer(text) if not m["code"]]
+
+
+def _slug(heading: str) -> str:
+    """Python-Markdown's toc slug (what mkdocs and the GitHub renderer give a heading, for these pages)."""
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode()
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", text).strip().lower())
+
+
+def _anchors(md: Path) -> set[str]:
+    """The anchors of a markdown page: its headings' slugs, explicit ``{ #id }`` ids, mkdocstrings objects."""
+    found = set()
+    for line in md.read_text(encoding="utf-8").splitlines():
+        h = re.match(r"^#{1,6}\s+(.*?)\s*(\{\s*#([\w-]+)\s*\})?\s*$", line)
+        if h:
+            found.add(h.group(3) or _slug(h.group(1)))
+        obj = re.match(r"^:::\s+([\w.]+)", line)
+        if obj:  # mkdocstrings: the module and every public name in it
+            mod = importlib.import_module(obj.group(1))
+            found |= {obj.group(1)} | {f"{obj.group(1)}.{n}" for n in dir(mod) if not n.startswith("_")}
+    return found
+
+
+def _is_url(target: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*:", target))
+
+
+def _check_links_resolve(out: Path) -> int:
+    """Every relative link and image of every markdown file of the release ``out`` resolves to a file inside it
+    (anchors included: a heading of the target page); returns the number of links checked."""
+    n = 0
+    for md in sorted(out.rglob("*.md")):
+        for label, target in _links(md.read_text(encoding="utf-8")):
+            if _is_url(target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (md.parent / path).resolve() if path else md.resolve()
+            where = f"{md.relative_to(out)}: {label}({target})"
+            assert dest.is_relative_to(out.resolve()), f"{where} points outside the release"
+            assert dest.is_file(), f"{where}: no such file in the release"
+            if label.startswith("!"):
+                assert dest.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{where} is not a PNG image"
+            if anchor and dest.suffix == ".md":
+                assert anchor in _anchors(dest), f"{where}: no heading #{anchor} in {dest.name}"
+            n += 1
+    return n
+
+
+def test_every_link_of_the_release_resolves_inside_it(release):
+    """No link of a released markdown file (handouts, README) to a page or figure the release does not hold;
+    without --docs-url the docs pages are named in plain text, the figures are drawn into handouts/figures/."""
+    assert _check_links_resolve(release) >= 10
+    for a in ASSIGNMENTS:
+        src, out = ROOT / "docs" / "assignments" / f"{a}.md", release / "handouts" / f"{a}.md"
+        if not src.is_file():
+            continue
+        text = out.read_text(encoding="utf-8")
+        assert "../concepts/" not in text and "../assets/" not in text, f"{a}: a link into the docs is left"
+        n_docs = sum(1 for _, t in _links(src.read_text(encoding="utf-8")) if "../concepts/" in t)
+        assert text.count("(minimtp docs: `concepts/") >= n_docs, f"{a}: the docs pages it links are not named"
+
+
+def _expected_url(target: str) -> str:
+    """The published page of a link of docs/assignments/*.md (mkdocs directory URLs), computed from scratch."""
+    path, _, anchor = target.partition("#")
+    rel = os.path.normpath(os.path.join("assignments", path)).replace(os.sep, "/")
+    assert not rel.startswith(".."), target
+    if rel.endswith(".md"):
+        rel = rel[: -len(".md")]
+        rel = "" if rel == "index" else (rel[: -len("index")] if rel.endswith("/index") else rel + "/")
+    return f"{DOCS_URL}/{rel}" + (f"#{anchor}" if anchor else "")
+
+
+def test_docs_url_links_every_handout_to_the_published_pages(tmp_path):
+    """With --docs-url: a link to a tutorial or to another handout (in the release) stays relative, whichever
+    handout is written first; an image is drawn into the release; every other link of every handout is the
+    published URL of the page it names (the page exists in docs/, and so does its anchor)."""
+    out = tmp_path / "with-docs-url"
+    proc = _build(out, "--docs-url", DOCS_URL + "/")  # a trailing slash is the same site
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "plain text" not in proc.stderr, proc.stderr  # every docs link became a URL
+    _check_links_resolve(out)
+    checked = 0
+    for a in ASSIGNMENTS:
+        src = ROOT / "docs" / "assignments" / f"{a}.md"
+        if not src.is_file():
+            continue
+        want, got = _links(src.read_text(encoding="utf-8")), _links((out / "handouts" / f"{a}.md").read_text("utf-8"))
+        assert [lbl for lbl, _ in got] == [lbl for lbl, _ in want], f"{a}: links lost or added"
+        for (label, s), (_, t) in zip(want, got):
+            where = f"handouts/{a}.md: {label}({s}) -> ({t})"
+            if _is_url(s) or s.startswith("#"):
+                assert t == s, where
+                continue
+            path = s.partition("#")[0]
+            in_docs = os.path.normpath(os.path.join("assignments", path)).replace(os.sep, "/")
+            handout = in_docs.startswith("assignments/") and Path(in_docs).stem in ASSIGNMENTS
+            tutorial = path.startswith("../tutorials/") and (ROOT / path[3:]).is_file()
+            if handout or tutorial or label.startswith("!"):
+                assert not _is_url(t), f"{where}: the release holds this file; the link must stay relative"
+                continue
+            assert t == _expected_url(s), f"{where}: expected {_expected_url(s)}"
+            page = ROOT / "docs" / (in_docs if in_docs.endswith(".md") else in_docs + ".md")
+            assert page.is_file(), f"{where}: no page {page.relative_to(ROOT)}"
+            anchor = s.partition("#")[2]
+            assert not anchor or anchor in _anchors(page), f"{where}: no #{anchor} in {page.relative_to(ROOT)}"
+            checked += 1
+    assert checked >= 20, checked
 
 
 def test_released_grader_imports_on_its_own(release):

@@ -16,9 +16,12 @@ command in the handouts and starter files works unchanged from ``OUT``:
 * the helper modules of ``tutorials/`` that the grader, the starters or the tutorials import (``_tiny.py``);
 * ``tutorials/NN_*.py`` — the numbered tutorials the starter files tell students to read first (tests check that
   no tutorial contains an assignment's answer: tests/test_release.py);
-* ``handouts/<assignment>.md`` — the handout page ``docs/assignments/<assignment>.md``, where it exists. Its
-  links to the tutorials stay relative (the tutorials are in the release); links to other docs pages become
-  absolute links into the published docs with ``--docs-url`` (else they are kept, and the script lists them).
+* ``handouts/<assignment>.md`` — the handout page ``docs/assignments/<assignment>.md``, where it exists, and
+  ``handouts/figures/`` — the images it shows (the figures the docs build draws, drawn here with
+  ``scripts/figures.py``). Every link of a handout resolves inside the release or points to the published docs:
+  links to the tutorials and to the other handouts stay relative (they are in the release); links to other docs
+  pages become absolute links into the published docs with ``--docs-url``, else plain text naming the page (the
+  script lists them). tests/test_release.py checks every link.
 
 Never copied: ``solutions/``, ``fixtures/``, ``hidden*`` files (unless ``--instructor``), this script, the
 assignments' developer README (it lists the fixtures). The release refuses to build if the grader imports a module
@@ -140,31 +143,98 @@ def closure(starts: list[Path], instructor: bool = False) -> list[Path]:
     return [p for p in seen if p.is_file()]
 
 
-def _fix_links(text: str, page: Path, out_page: Path, docs_url: str | None, unresolved: list[str]) -> str:
-    """Relative links of a handout: kept where the target is in the release (the tutorials), made absolute links
-    into the published docs with ``docs_url`` (mkdocs directory URLs), else kept and listed in ``unresolved``."""
+# a markdown link or image (the label holds no bracket), or code (a fenced block, an inline span) to step over
+LINK = re.compile(r"(?P<code>```.*?```|`[^`\n]*`)|(?P<label>!?\[[^\[\]]*\])\((?P<target>[^)\s]+)\)", re.S)
+_FIGURES: list = []  # scripts/figures.py, loaded on first use (None: it cannot be loaded here)
+
+
+def _figures():
+    """The docs' figure code (``scripts/figures.py``: ``FIGURES`` and ``render(name)``), or None without it (or
+    without matplotlib)."""
+    if not _FIGURES:
+        path = ROOT / "scripts" / "figures.py"
+        mod = None
+        if path.is_file():
+            try:
+                import importlib.util
+
+                spec = importlib.util.spec_from_file_location("minimtp_release_figures", path)
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = mod
+                spec.loader.exec_module(mod)
+            except Exception:  # no matplotlib: the figures are linked into the docs site, or named
+                mod = None
+        _FIGURES.append(mod)
+    return _FIGURES[0]
+
+
+def _image(rel: str) -> bytes | None:
+    """The bytes of the docs image ``rel`` (a path under docs/): a committed file, or a figure the docs build draws
+    (``assets/figures/<name>``, from scripts/figures.py); None if neither is available here."""
+    if (DOCS / rel).is_file():
+        return (DOCS / rel).read_bytes()
+    prefix = "assets/figures/"
+    figures = _figures() if rel.startswith(prefix) else None
+    if figures is not None and rel[len(prefix) :] in getattr(figures, "FIGURES", {}):
+        try:
+            return figures.render(rel[len(prefix) :])
+        except Exception:
+            return None
+    return None
+
+
+def docs_page_url(docs_url: str, rel: str, anchor: str = "") -> str:
+    """The published URL of ``rel``, a path under docs/ (mkdocs directory URLs: ``concepts/x.md`` ->
+    ``concepts/x/``, ``index.md`` -> the folder; the tutorials, rendered as pages, likewise)."""
+    if rel.endswith((".md", ".py")):  # pages, and the tutorials mkdocs-jupyter renders as pages
+        rel = rel.rsplit(".", 1)[0]
+        rel = "" if rel == "index" else (rel[: -len("index")] if rel.endswith("/index") else rel + "/")
+    return docs_url.rstrip("/") + "/" + rel + (f"#{anchor}" if anchor else "")
+
+
+def _fix_links(text: str, page: Path, out_page: Path, released: set[Path], docs_url: str | None,
+               unresolved: list[str], written: list[Path]) -> str:  # fmt: skip
+    """The relative links and images of a handout, so that each one resolves inside the release or points to the
+    published docs:
+
+    * a target the release holds (a tutorial, another handout: ``released``, every file the release will hold,
+      whichever is written first) stays as it is;
+    * an image of the docs (a committed asset, or a figure the docs build draws) is written beside the handout,
+      ``handouts/figures/<name>``, and linked there (with ``docs_url`` and no way to draw it: its published URL);
+    * any other page of the docs becomes an absolute link into the published docs with ``docs_url`` (mkdocs
+      directory URLs), else plain text naming the page (``text (minimtp docs: `concepts/x.md#y`)``), listed in
+      ``unresolved``: never a link to a file the release does not hold."""
 
     def fix(m: re.Match) -> str:
-        target = m.group(2)
-        if re.match(r"^[a-z]+:|^#|^/", target):
+        if m.group("code"):  # code (fenced or inline) is not markdown: left alone
+            return m.group(0)
+        label, target = m.group("label"), m.group("target")
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):
             return m.group(0)
         path, _, anchor = target.partition("#")
-        if (out_page.parent / path).resolve().is_file():
+        if (out_page.parent / path).resolve() in released:
             return m.group(0)
         try:
             rel = (page.parent / path).resolve().relative_to(DOCS.resolve()).as_posix()
         except ValueError:
             rel = None
-        if rel is None or not docs_url:
-            unresolved.append(target)
-            return m.group(0)
-        if rel.endswith((".md", ".py")):  # pages, and the tutorials mkdocs-jupyter renders as pages
-            rel = rel.rsplit(".", 1)[0]
-            rel = "" if rel == "index" else (rel[: -len("index")] if rel.endswith("/index") else rel + "/")
-        url = docs_url.rstrip("/") + "/" + rel + (f"#{anchor}" if anchor else "")
-        return f"{m.group(1)}({url})"
+        if label.startswith("!") and rel is not None:
+            data = _image(rel)
+            if data is not None:
+                dest = out_page.parent / "figures" / Path(rel).name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not dest.exists():
+                    dest.write_bytes(data)
+                    written.append(dest)
+                return f"{label}(figures/{Path(rel).name})"
+        if rel is not None and docs_url:
+            return f"{label}({docs_page_url(docs_url, rel, anchor)})"
+        unresolved.append(target)
+        words = label[2:-1] if label.startswith("!") else label[1:-1]
+        where = f"minimtp docs: `{rel}{'#' + anchor if anchor else ''}`" if rel is not None else f"`{target}`"
+        return f"{'figure: ' if label.startswith('!') else ''}{words} ({where})"
 
-    return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", fix, text)
+    return LINK.sub(fix, text)
 
 
 def _points_table(names: list[str]) -> str:
@@ -243,8 +313,8 @@ tests, so make the invariants hold in general rather than for the printed cases.
 """
     if docs_links:
         text += (
-            "The handouts' background reading links to the pages of the minimtp documentation (`concepts/...`): "
-            "read them on the published documentation, or build it from the minimtp repository with `mkdocs serve`."
+            "The handouts' background reading names pages of the minimtp documentation (`concepts/...`): read "
+            "them on the published documentation, or build it from the minimtp repository with `mkdocs serve`."
             "\n\n"
         )
     table = _points_table(names)
@@ -288,11 +358,16 @@ def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> l
         shutil.copy2(f, dest)
         written.append(dest)
     handouts, unresolved = [], []
+    pages = {a: DOCS / "assignments" / f"{a}.md" for a in names if (DOCS / "assignments" / f"{a}.md").is_file()}
+    # what the release holds once every handout is written: a handout's link to a later one must resolve too
+    released = {p.resolve() for p in written} | {(out / "handouts" / f"{a}.md").resolve() for a in pages}
+    released.add((out / "README.md").resolve())
     for a in names:
-        page = DOCS / "assignments" / f"{a}.md"
-        if page.is_file():
+        page = pages.get(a)
+        if page is not None:
             dest = out / "handouts" / f"{a}.md"
-            text = _fix_links(page.read_text(encoding="utf-8"), page, dest, docs_url, unresolved)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            text = _fix_links(page.read_text(encoding="utf-8"), page, dest, released, docs_url, unresolved, written)
             # the docs build renders the points table here; in the release the grader prints it
             text = re.sub(
                 r"<!--\s*grader-points:\s*([\w-]+)\s*-->",
@@ -308,8 +383,9 @@ def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> l
     written.append(out / "README.md")
     if unresolved:
         print(
-            f"release: {len(set(unresolved))} handout link(s) point into the docs site; pass --docs-url to make them "
-            "absolute: " + ", ".join(sorted(set(unresolved))),
+            f"release: {len(set(unresolved))} handout link(s) point to docs pages the release does not hold: written "
+            "as plain text naming the page; pass --docs-url URL to link them to the published docs: "
+            + ", ".join(sorted(set(unresolved))),
             file=sys.stderr,
         )
     return written

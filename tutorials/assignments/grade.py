@@ -9,7 +9,8 @@
 
 Prints one line per test (PASS / FAIL / WARN) with its points, and for every failure the bug class (the invariant
 the file breaks), the smallest evidence the grader found, and a hint; then ``Score: S/80``. Exits 0 iff every
-required test passed. WARN marks an advisory test (0 points; it never fails the grade).
+required test passed (1 otherwise, 2 when there is no file to grade: a missing or misnamed file, which ``--json``
+still reports in a results.json scoring 0). WARN marks an advisory test (0 points; it never fails the grade).
 
 Points. Each assignment's autograded tests total 80 points (the handout adds 20 points of written questions).
 Integrity checks (imports and the shape of the code, read from its syntax tree, never executed) are worth 0 points
@@ -58,7 +59,10 @@ from grading import (  # noqa: E402
     TESTS,
     grade,
     load_hidden,
+    not_graded_json,
+    submission_problem,
     suite_tests,
+    write_json_data,
 )
 
 
@@ -126,12 +130,19 @@ def main(argv=None) -> int:
     if args.assignment not in TESTS:
         print(f"unknown assignment {args.assignment!r}; expected one of {sorted(TESTS)}", file=sys.stderr)
         return 2
-    if not args.file or not os.path.isfile(args.file):
-        print(f"no such file: {args.file!r}", file=sys.stderr)
-        return 2
     secret = args.hidden or (os.environ.get(SECRET_ENV) if args.suite in (None, "hidden", "both") else None)
     if args.suite == "public":
         secret = None
+    why = submission_problem(args.assignment, args.file)
+    if why:  # nothing to grade: say so, and with --json still write a results.json (score 0) that says so
+        print(f"cannot grade: {why}", file=sys.stderr)
+        if args.json:
+            suite = args.suite or ("both" if secret else "public")
+            suites = ("public", "hidden") if suite == "both" else (suite,)
+            if "hidden" in suites and not load_hidden():
+                suites = ("public",)
+            write_json_data(not_graded_json(args.assignment, f"cannot grade: {why}", suites), args.json)
+        return 2
     out = sys.stderr if args.json == "-" else sys.stdout
     report = grade(args.assignment, os.path.abspath(args.file), out=out, fail_fast=args.fail_fast,
                    timeout=args.timeout or None, secret=secret, suite=args.suite, json_path=args.json)  # fmt: skip

@@ -387,6 +387,55 @@ def gradescope_json(report: Report, extra: str = "") -> dict:
     }
 
 
+def submission_problem(assignment: str, path: str | None) -> str:
+    """Why ``path`` cannot be graded as ``assignment`` (one line: which file, what was expected), or "" if it can."""
+    want = f"expected your {assignment} answer: a Python file whose name ends in .py (the starter file is student.py)"
+    if not path:
+        return f"no file to grade was given: {want}"
+    if os.path.isfile(path) and path.endswith(".py"):
+        return ""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        what, folder = f"{path} is a folder, not a file", os.path.abspath(path)
+    elif os.path.isfile(path):
+        what = f"{path} is not a Python file: its name does not end in .py"
+    else:
+        what = f"no such file: {path}"
+    if not os.path.isdir(folder):
+        return f"{what} ({want}; the folder {folder} does not exist either)"
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    py = [n for n in names if n.endswith(".py")]
+    listed = (py or names)[:10]
+    holds = (f"{folder} holds {', '.join(listed)}" + (" ..." if len(py or names) > 10 else "")
+             if names else f"{folder} is empty")  # fmt: skip
+    return f"{what} ({want}; {holds})"
+
+
+def not_graded_json(assignment: str, why: str, suites: tuple[str, ...] = ("public",)) -> dict:
+    """Gradescope's results.json for a submission that could not be graded at all (no file, a misnamed file):
+    score 0, the one line ``why`` as the output, and every test of the suites failed with 0 points."""
+    tests = [{
+        "name": f"{t.name} [{s}]" if len(suites) > 1 else t.name,
+        "score": 0.0,
+        "max_score": round(t.points / len(suites), 4),
+        "status": "failed",
+        "output": f"not graded: {why}",
+        "visibility": "visible" if s == "public" else "after_published",
+    } for s in suites for t in suite_tests(assignment, s)]  # fmt: skip
+    return {"score": 0.0, "execution_time": 0.0, "output": why, "tests": tests}
+
+
+def write_json_data(data: dict, path: str) -> None:
+    """Write a results.json dict to ``path`` ("-": standard output)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    if path == "-":
+        sys.__stdout__.write(text + "\n")
+        sys.__stdout__.flush()
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def _write_json(report: Report, path: str, extra: str = "") -> None:
     text = json.dumps(gradescope_json(report, extra), indent=2, ensure_ascii=False)
     if path == "-":

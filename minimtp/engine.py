@@ -239,8 +239,7 @@ class Engine:
             logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
             for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
                 tokens[b] = [t]
-        zeros = [0] * len(seqs)
-        return StepResult(tokens, zeros, zeros)
+        return StepResult(tokens, drafted=[0] * len(seqs), accepted=[0] * len(seqs))
 
     def round(self, active: list[Request], cache: KVCache) -> StepResult:
         """Draft, verify, accept, roll back: one round for every active request (module docstring)."""

@@ -120,6 +120,7 @@ def make_requests(engine, prompts, settings: GenerationSettings, on_tokens=None)
     cfg = engine.cfg
     prompts = check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
     s = settings.validate()
+    params = s.sampling
     penalties = s.penalties
     stop_strs = check_stop_strings(s.stop)
     source = grammar_source(s.json_schema, s.regex, s.grammar)
@@ -142,7 +143,7 @@ def make_requests(engine, prompts, settings: GenerationSettings, on_tokens=None)
         stop_strings = StopStrings(tok, stop_strs, s.include_stop_str_in_output, c.healed) if stop_strs else None
         request = Request(
             p,
-            params=s.sampling,
+            params=params,
             k=k,
             draft_mode=mode,
             gen=g,

@@ -31,7 +31,7 @@ from minimtp.attention import DraftPagedContext, PagedContext, get_attention_bac
 from minimtp.errors import CompatibilityError, GenerationError, MinimtpError
 from minimtp.kv_cache import KVCache
 from minimtp.request import Request, make_requests
-from minimtp.sampling import draw_exponentials, process_logits, sample
+from minimtp.sampling import draw_exponentials, process_logits, sample, token_logprobs
 from minimtp.scheduler import Plan, Scheduler, StepResult
 from minimtp.settings import GenerationSettings
 from minimtp.stats import Stats
@@ -47,6 +47,7 @@ class GenerationResult:
     texts: list[str] | None = None  # the continuations, cut at a stop string (when the engine has a tokenizer)
     stop_reasons: list = field(default_factory=list)  # the stop token id or stop string that ended each, else None
     healed_prompts: list[list[int]] | None = None  # the prompts as run, with token healing (last token removed)
+    logprobs: list[list[tuple]] | None = None  # with settings.logprobs: per prompt, (logprob, top) per token
 
 
 def _verify_backends(name: str):
@@ -203,6 +204,7 @@ class Engine:
             texts=[r.text(tok) for r in reqs] if tok is not None else None,
             stop_reasons=[r.stop_reason for r in reqs],
             healed_prompts=[r.prompt for r in reqs] if settings.token_healing else None,
+            logprobs=[r.out_logprobs for r in reqs] if settings.logprobs is not None else None,
         )
 
     def execute(self, plan: Plan, cache: KVCache) -> StepResult:
@@ -233,13 +235,15 @@ class Engine:
                 cache.trim_window(seqs[b].id, seqs[b].cache_len)
                 last_logits[b] = out.logits[r]
         tokens: list[list[int]] = [[] for _ in seqs]
+        logprobs = [None] * len(seqs)
         fresh = [b for b, s in enumerate(seqs) if not s.out]
         if fresh:
             logits = torch.stack([last_logits[b] for b in fresh])[:, None]
             logits = _controlled([seqs[b] for b in fresh], logits, [[]] * len(fresh), 0, [1] * len(fresh))[:, 0]
-            for b, t in zip(fresh, self._pick([seqs[b] for b in fresh], logits)):
+            for r, (b, t) in enumerate(zip(fresh, self._pick([seqs[b] for b in fresh], logits))):
                 tokens[b] = [t]
-        return StepResult(tokens, drafted=[0] * len(seqs), accepted=[0] * len(seqs))
+                logprobs[b] = _logprobs(seqs[b], logits[r : r + 1], tokens[b])
+        return StepResult(tokens, drafted=[0] * len(seqs), accepted=[0] * len(seqs), logprobs=logprobs)
 
     def round(self, active: list[Request], cache: KVCache) -> StepResult:
         """Draft, verify, accept, roll back: one round for every active request (module docstring)."""
@@ -285,8 +289,9 @@ class Engine:
             cache.truncate(s.id, s.cache_len)  # roll back the rejected drafts
             cache.trim_window(s.id, s.cache_len)
         tokens = [ids_l[b][: n_l[b]] for b in range(B)]
+        logprobs = [_logprobs(s, logits[b, : n_l[b]], tokens[b]) for b, s in enumerate(active)]
         accepted = [n - 1 for n in n_l]
-        return StepResult(tokens, ks, accepted, draft_s=t1 - t0, verify_s=t2 - t1)
+        return StepResult(tokens, ks, accepted, draft_s=t1 - t0, verify_s=t2 - t1, logprobs=logprobs)
 
     def _target_forward(self, cache: KVCache, seqs: list[Request], new_tokens: list[list[int]], last_rows=False):
         """One target forward over the packed new tokens of several requests (their K/V go into the cache). Logits
@@ -347,6 +352,13 @@ class Engine:
                 probs = self.process_logits(logits[i], params)
                 out[i] = sample(probs, draw_exponentials([seqs[b].gen for b in bs], probs.shape[-1]))
         return out.tolist()
+
+
+def _logprobs(s: Request, logits: torch.Tensor, tokens: list[int]):
+    """The request's logprob entries for ``tokens`` emitted from rows ``logits`` (None if it asks for none)."""
+    if s.logprobs is None:
+        return None
+    return token_logprobs(logits, s.params, tokens, s.logprobs)
 
 
 def _controlled(seqs: list[Request], logits: torch.Tensor, drafts: list[list[int]], first: int, rows):

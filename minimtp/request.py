@@ -35,12 +35,14 @@ class Request:
     max_len: int = 1 << 62  # the context limit: positions the model can hold
     controls: Controls = NO_CONTROLS  # penalties, grammar, token healing (controls/)
     stop_strings: StopStrings | None = None
+    logprobs: int | None = None  # None, or how many top alternatives each token's logprob entry lists
     on_tokens: Callable | None = None  # on_tokens(request, new token ids), as tokens are accepted
     index: int = 0  # position in its generate call (or any id the caller likes)
     id: int = -1  # its sequence id in the KV cache (set by the scheduler)
     arrival: float = field(default_factory=time.perf_counter)
     # decoding state
     out: list[int] = field(default_factory=list)
+    out_logprobs: list[tuple] = field(default_factory=list)  # with logprobs: one (logprob, top) per token of out
     cache_len: int = 0  # positions with K/V in the cache
     hidden: torch.Tensor | None = None  # target hidden state at cache_len - 1
     done: str | None = None  # "stop" | "length" | "context" | "abort" | "error"
@@ -57,9 +59,9 @@ class Request:
     def sampled_drafts(self) -> bool:
         return self.draft_mode == "sample" and not self.params.is_greedy
 
-    def append(self, tokens: list[int]) -> None:
-        """Emit ``tokens``: append them up to and including the first stop token or string, or up to the budget;
-        then the context limit. Streams them to ``on_tokens``."""
+    def append(self, tokens: list[int], logprobs: list[tuple] | None = None) -> None:
+        """Emit ``tokens`` (and their ``logprobs`` entries): append them up to and including the first stop token
+        or string, or up to the budget; then the context limit. Streams them to ``on_tokens``."""
         new = []
         for t in tokens:
             new.append(t)
@@ -77,6 +79,8 @@ class Request:
                 self.done = "length"
                 break
         self.out.extend(new)
+        if logprobs is not None:
+            self.out_logprobs.extend(logprobs[: len(new)])
         self.stats.generated_tokens += len(new)
         if self.done is None and self.cache_len + 1 >= self.max_len:
             self.done = "context"
@@ -152,6 +156,7 @@ def make_requests(engine, prompts, settings: GenerationSettings, on_tokens=None)
             max_len=cfg.max_position_embeddings,
             controls=c,
             stop_strings=stop_strings,
+            logprobs=s.logprobs,
             on_tokens=callback,
             index=i,
         )

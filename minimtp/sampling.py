@@ -173,6 +173,21 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return _filter(x, params)
 
 
+def token_logprobs(logits: torch.Tensor, params: SamplingParams, tokens: list[int], top: int) -> list[tuple]:
+    """logits [N, V] (row i: the step that emitted tokens[i]) -> [(log p(tokens[i]), [(id, log p(id)), ...])]:
+    each token's log-probability under p, the processed distribution it was drawn from, and the ``top`` most
+    likely ids under p. Under speculative decoding row i is the target's row at that position, so the numbers are
+    plain decoding's. Greedy's p is one-hot: the same filters at temperature 1 are reported instead. A
+    probability of 0 reads as -9999.0, as OpenAI writes it (JSON has no -inf)."""
+    if params.is_greedy:
+        params = SamplingParams(1.0, params.top_k, params.top_p, params.min_p)
+    logp = process_logits(logits, params).double().log().clamp(min=-9999.0)
+    chosen = logp.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    best = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    ranked = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    return list(zip(chosen, ranked))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Randomness: one generator per sequence, drawn on the CPU.
 # ---------------------------------------------------------------------------------------------------------

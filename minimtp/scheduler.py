@@ -13,6 +13,10 @@ round for the running requests; when the pool cannot hold their rounds, the newe
 blocks are freed and it waits again at the front, to be recomputed from prompt + tokens so far (its generated
 tokens and random stream are kept).
 
+A request is refused when it is added if an empty pool could not hold it (`add` raises `CacheFullError`), so
+nothing waits forever; a request that still cannot get blocks alone, or whose step raised (`fail`), ends once with
+``done = "error"`` and the others go on.
+
 A request's tokens depend only on its own settings and random stream, never on its batchmates: every per-row draw
 comes from its own generator, in the same order whatever the batch (sampling.py).
 """
@@ -25,6 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from minimtp.config import SLIDING
 from minimtp.errors import CacheFullError, GenerationError
 from minimtp.kv_cache import KVCache
 from minimtp.request import Request
@@ -54,11 +59,14 @@ class Plan:
 class StepResult:
     """What the engine did with a plan, one entry per planned request (in ``Plan.requests`` order): the tokens it
     emitted (a preempted request's prefill emits none; stop tokens and strings are cut by `Request.append`), the
-    drafts proposed and accepted in a round, and the wall time of drafting and of the target's forwards."""
+    drafts proposed and accepted in a round, and the wall time of drafting and of the target's forwards.
+    ``logprobs``: for the requests that ask for them, one (logprob, top) entry per token (sampling.token_logprobs),
+    else None."""
 
     tokens: list[list[int]]
     drafted: list[int]
     accepted: list[int]
+    logprobs: list[list[tuple] | None] | None = None
     draft_s: float = 0.0
     verify_s: float = 0.0
 
@@ -81,8 +89,12 @@ class Scheduler:
         self.running: list[Request] = []
         self.lock = threading.Lock()  # add() and cancel() may come from other threads
         self._ids = itertools.count()
+        self._failed: list[Request] = []  # ended by the scheduler itself, returned by the next retire
 
     def add(self, req: Request) -> Request:
+        """Queue ``req``; QueueFullError when the queue is at ``max_waiting``, CacheFullError when the pool could
+        never hold it (its prompt + budget + one round of drafts)."""
+        self._check_fits(req)
         with self.lock:
             if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
@@ -93,6 +105,26 @@ class Scheduler:
     def cancel(self, req: Request) -> None:
         """Stop a request at the next step (e.g. its client disconnected); its blocks are freed then."""
         req.cancelled = True
+
+    def fail(self, reqs: list[Request], message: str) -> list[Request]:
+        """End the scheduled ones of ``reqs`` with ``done = "error"`` (e.g. the step that ran them raised) and free
+        their blocks; returns them."""
+        failed = []
+        for r in reqs:
+            with self.lock:
+                waiting = r in self.waiting
+                if waiting:
+                    self.waiting.remove(r)
+            if r in self.running:
+                self.running.remove(r)
+            elif not waiting:
+                continue
+            if r.id in self.cache.tables:
+                self.cache.release(r.id)
+            r.done = "error"
+            r.stop_reason = message
+            failed.append(r)
+        return failed
 
     @property
     def has_work(self) -> bool:
@@ -118,15 +150,30 @@ class Scheduler:
                 self.stats.count_round(result.drafted[b], result.accepted[b], forward=b == 0)  # one batched forward
                 r.stats.count_round(result.drafted[b], result.accepted[b])
             first = not r.out
-            r.append(result.tokens[b])
+            r.append(result.tokens[b], result.logprobs[b] if result.logprobs else None)
             if first and r.out:
                 r.stats.ttft_s = now - r.arrival
         self.stats.draft_s += result.draft_s
         self.stats.verify_s += result.verify_s
         return plan.retired + self._retire()
 
+    def _check_fits(self, r: Request) -> None:
+        """Every pool must hold the prefill (prompt + one round: ``k`` drafts and the pending token); the
+        full-attention pools also everything the request can grow to (prompt + budget, at most the context)."""
+        c = self.cache
+        for t, blocks in c.num_blocks.items():
+            n = len(r.prompt) + (0 if t == SLIDING else min(r.max_new, r.max_len - len(r.prompt))) + r.k + 1
+            need = -(-n // c.block_size)
+            if need > blocks:
+                raise CacheFullError(
+                    f"the request needs {need} KV blocks of {c.block_size} positions ({len(r.prompt)} prompt tokens,"
+                    f" up to {r.max_new} new, {r.k} drafts per round) but the {t} pool holds {blocks}: lower "
+                    "max_tokens or num_speculative_tokens"
+                )
+
     def _retire(self) -> list[Request]:
-        done = []
+        done = self._failed
+        self._failed = []
         with self.lock:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
@@ -152,11 +199,12 @@ class Scheduler:
             self.cache.add(r.id)
             try:
                 self.cache.reserve(r.id, n + r.k + 1)
-            except CacheFullError:
+            except CacheFullError as e:
                 self.cache.release(r.id)
                 if self.running or new:
                     break  # wait for blocks to come back
-                raise  # nothing else holds blocks: this request can never fit
+                self._failed += self.fail([r], str(e))  # nothing else holds blocks: it can never fit
+                continue
             with self.lock:
                 self.waiting.popleft()
             new.append(r)
@@ -183,10 +231,12 @@ class Scheduler:
                 try:
                     self.cache.reserve(r.id, r.cache_len + r.k + 1)
                     break
-                except CacheFullError:
+                except CacheFullError as e:
                     victim = active[-1]
-                    if victim is r and len(active) == 1:
-                        raise
+                    if victim is r and len(active) == 1:  # alone, it still does not fit: it never will
+                        self._failed += self.fail([r], str(e))
+                        active.remove(r)
+                        break
                     self._preempt(victim)
                     active.remove(victim)
         return active

@@ -33,6 +33,7 @@ class GenerationSettings:
     repetition_penalty, presence_penalty, frequency_penalty    the penalties (None: off)
     json_schema, regex, grammar         a constraint on the output, at most one of them
     token_healing             re-spell the prompt's last token with the first generated ones
+    logprobs                  None: off; N: each token's log-probability under p and the N most likely (0..20)
     """
 
     max_new_tokens: int = 64
@@ -54,6 +55,7 @@ class GenerationSettings:
     regex: str | None = None
     grammar: str | None = None
     token_healing: bool = False
+    logprobs: int | None = None
 
     @classmethod
     def of(cls, settings: GenerationSettings | None = None, **changes) -> GenerationSettings:
@@ -80,6 +82,9 @@ class GenerationSettings:
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, (list, tuple, set, frozenset)) or not all(map(_token_id, ids))):
             raise GenerationError(f"stop_token_ids={ids!r} is invalid: expected a list of token ids")
+        top = self.logprobs
+        if top is not None and (not _integer(top) or not 0 <= top <= 20):
+            raise GenerationError(f"logprobs={top!r} is invalid: expected an integer in 0..20 (None = off)")
         self.sampling.validate()
         self.penalties.validate()
         check_stop_strings(self.stop)

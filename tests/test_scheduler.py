@@ -128,6 +128,22 @@ def test_queue_limit_and_a_request_that_can_never_fit():
     with pytest.raises(QueueFullError, match="waiting queue is full"):
         sched.add(request(2))
     tiny = Scheduler(pool(2))
-    tiny.add(request(2))
-    with pytest.raises(CacheFullError, match="is full"):
-        step(tiny)
+    with pytest.raises(CacheFullError, match="needs .* KV blocks .* pool holds 2"):
+        tiny.add(request(2))
+    assert not tiny.has_work
+
+
+def test_a_failed_request_ends_once_and_spares_the_others():
+    """`Scheduler.fail` (the server calls it for the requests of a step that raised) ends a running or waiting
+    request with "error", frees its blocks, and the others still get exactly their tokens."""
+    sched = Scheduler(pool(400), max_num_seqs=2)
+    reqs = [sched.add(request(i)) for i in range(3)]
+    with torch.inference_mode():
+        step(sched)
+        assert sched.fail([reqs[1], reqs[2]], "boom") == [reqs[1], reqs[2]]  # one running, one waiting
+        assert sched.fail([reqs[1]], "again") == []  # once
+        while sched.has_work:
+            step(sched)
+    assert (reqs[1].done, reqs[1].stop_reason, reqs[2].done) == ("error", "boom", "error")
+    assert tuple(reqs[0].out) == alone(0)
+    assert all_free(sched.cache)

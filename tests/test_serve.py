@@ -9,23 +9,22 @@ raw HTTP client it is built on checks what it hides (status codes of type errors
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import socket
-import threading
 import time
 
+import openai
 import pytest
-from support.common import default_engine, default_pair
-
-import minimtp
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-try:  # the HTTP client the official openai package is built on: httpx2 since openai 3, httpx before
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover
-    httpx = pytest.importorskip("httpx")
+from support.server import (
+    Server,
+    api_reason,
+    chat_ids,
+    generate_kwargs,
+    httpx,
+    ids,
+    offline,
+    openai_error,
+    reference,
+)
 
 MODEL = "minimtp-default"
 MAX_LEN = 512  # --max-model-len of the main server
@@ -43,69 +42,7 @@ CHAT = [{"role": "user", "content": "Write a function that reverses a list."}]
 ABORT = ("minimtp:request_success_total", (("finished_reason", "abort"),))  # a metrics() key
 
 
-# ---- servers and the offline reference -------------------------------------------------------------------------
-
-
-class Server:
-    """``python -m minimtp.serve FLAGS`` in this process: the engine thread plus uvicorn in a daemon thread, on a
-    loopback port the OS picked (the socket is bound here and handed to uvicorn: no race for the port)."""
-
-    def __init__(self, *flags: str):
-        from minimtp.serve import build_parser, create
-
-        self.app, self.serving = create(build_parser().parse_args(["--port", "0", *flags]))
-        self.serving.start()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-
-    def client(self, api_key: str = "x") -> openai.OpenAI:
-        # no retries: a 503 must reach the test, not be retried after Retry-After
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
-
-    def metrics(self) -> dict:
-        """{(sample name, ((label, value), ...)): value} from GET /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        r = self.http.get("/metrics")
-        assert r.status_code == 200
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(r.text) for s in fam.samples}  # fmt: skip
-
-    def wait_idle(self, until=lambda m: True, timeout: float = 30.0) -> dict:
-        """Poll until the engine has no request left (no stream open, nothing running or waiting), /metrics shows
-        running 0, waiting 0 and KV usage 0, and ``until(metrics)`` holds; return the last metrics. (A client can
-        see its tokens before the step that made them has updated the gauges: idle alone is not enough.)"""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            gauges = [m[(n, ())] for n in ("minimtp:num_requests_running", "minimtp:num_requests_waiting",
-                                           "minimtp:kv_cache_usage_perc")]  # fmt: skip
-            engine_idle = not self.serving.streams and not self.serving.sched.has_work
-            if engine_idle and gauges == [0, 0, 0] and until(m):
-                break
-            assert time.monotonic() < deadline, (
-                f"not idle after {timeout} s: {len(self.serving.streams)} streams, running, waiting, kv usage = "
-                f"{gauges}, until(metrics) = {until(m)}"
-            )
-            time.sleep(0.05)
-        cache = self.serving.sched.cache  # and the pool itself: every block back, no table left
-        assert all(len(cache.free_blocks[t]) == n for t, n in cache.num_blocks.items()) and not cache.tables
-        return m
-
-    def close(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.serving.stop()
+# ---- servers ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -121,61 +58,6 @@ def small():
     s = Server("--dtype", "float32", "--api-key", "secret", "--max-num-seqs", "1", "--max-waiting", "1")
     yield s
     s.close()
-
-
-def tokenizer():
-    return default_pair()[2]
-
-
-@functools.cache
-def offline() -> minimtp.Engine:
-    """The reference: the plain PyTorch Engine on the tests' float32 copy of the pair (the server loads its own and
-    runs the fast path)."""
-    return default_engine()
-
-
-def ids(prompt: str) -> list[int]:
-    return list(tokenizer()(prompt)["input_ids"])
-
-
-def chat_ids(messages) -> list[int]:
-    out = tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def generate_kwargs(body: dict) -> dict:
-    """The Engine.generate keywords that mean what a request body means (OpenAI's defaults: temperature 1,
-    max_tokens 16; num_speculative_tokens 0 = plain, absent = the assistant's default)."""
-    kw = dict(max_new_tokens=body.get("max_tokens", 16), temperature=float(body.get("temperature", 1.0)))
-    k = body.get("num_speculative_tokens")
-    if k == 0:
-        kw["use_assistant"] = False
-    elif k is not None:
-        kw["num_speculative_tokens"] = k
-    for name in ("top_k", "top_p", "min_p", "seed", "stop", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty"):  # fmt: skip
-        if name in body:
-            kw[name] = body[name]
-    if body.get("ignore_eos"):
-        kw["stop_token_ids"] = []
-    return kw
-
-
-def reference(prompt_ids: list[int], body: dict):
-    """(text, number of tokens, finish reason as the API names it) of the offline engine for one request."""
-    res = offline().generate([prompt_ids], **generate_kwargs(body))
-    return res.texts[0], len(res.tokens[0]), _api_reason(res.finish_reasons[0])
-
-
-def _api_reason(done: str) -> str:
-    return "length" if done == "context" else done
-
-
-def _error(r, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert isinstance(err["message"], str) and err["message"] and err["code"] == status and "type" in err
-    return err
 
 
 # ---- 1. the openai client against the offline engine ------------------------------------------------------------
@@ -196,11 +78,13 @@ def test_completion_greedy_equals_the_offline_engine(srv, prompt):
     assert r.choices[0].text == text and r.choices[0].finish_reason == reason
     p = len(ids(prompt))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (p, n, p + n)
-    chunks = list(c.completions.create(model=MODEL, prompt=prompt, stream=True, **body))
+    *chunks, last = c.completions.create(
+        model=MODEL, prompt=prompt, stream=True, stream_options={"include_usage": True}, **body
+    )
     assert "".join(ch.choices[0].text for ch in chunks) == text
     assert [ch.choices[0].finish_reason for ch in chunks][-1] == reason
-    assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
-    assert chunks[-1].usage.completion_tokens == n
+    assert all(ch.choices[0].finish_reason is None and ch.usage is None for ch in chunks[:-1])
+    assert last.choices == [] and last.usage.completion_tokens == n  # OpenAI's usage chunk
     # the prompt as token ids: the same request
     r = c.completions.create(model=MODEL, prompt=ids(prompt), **body)
     assert r.choices[0].text == text
@@ -213,11 +97,13 @@ def test_chat_greedy_equals_the_offline_engine(srv):
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == text and r.choices[0].finish_reason == reason
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(chat_ids(CHAT)), n)
-    chunks = list(c.chat.completions.create(model=MODEL, messages=CHAT, stream=True, **body))
+    *chunks, last = c.chat.completions.create(
+        model=MODEL, messages=CHAT, stream=True, stream_options={"include_usage": True}, **body
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
     assert [ch.choices[0].finish_reason for ch in chunks] == [None] * (len(chunks) - 1) + [reason]
-    assert chunks[-1].usage.completion_tokens == n
+    assert last.choices == [] and last.usage.completion_tokens == n
     # max_completion_tokens is the chat name of max_tokens
     r = c.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=30, temperature=0)
     assert r.choices[0].message.content == text
@@ -285,13 +171,14 @@ def test_response_format_json_schema(srv):
         ({"num_speculative_tokens": -1}, "num_speculative_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": [""]}, "stop"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
     ],
 )
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 def test_invalid_settings_are_400_with_an_error_object(srv, endpoint, extra, field):
     body = {"prompt": "x = ", "max_tokens": 4} if endpoint == "completions" else {"messages": CHAT, "max_tokens": 4}
-    err = _error(srv.http.post(f"/v1/{endpoint}", json={**body, **extra}), 400)
+    err = openai_error(srv.http.post(f"/v1/{endpoint}", json={**body, **extra}), 400)
     assert field in err["message"] and err["type"] == "invalid_request_error", err
 
 
@@ -306,22 +193,24 @@ def test_invalid_settings_are_400_with_an_error_object(srv, endpoint, extra, fie
     ],
 )
 def test_type_errors_are_400_not_422(srv, body, field):
-    err = _error(srv.http.post("/v1/completions", json=body), 400)
+    err = openai_error(srv.http.post("/v1/completions", json=body), 400)
     assert field in err["message"] and err["param"].split(".")[0] == field, err  # prompt.str: a union's branch
     if field != "prompt":
-        err = _error(srv.http.post("/v1/chat/completions", json={"messages": CHAT, **body}), 400)
+        err = openai_error(srv.http.post("/v1/chat/completions", json={"messages": CHAT, **body}), 400)
         assert field in err["message"] and err["param"] == field, err
 
 
 def test_malformed_json_missing_messages_and_zero_max_completion_tokens_are_400(srv):
-    _error(srv.http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
-    assert "messages" in _error(srv.http.post("/v1/chat/completions", json={"max_tokens": 4}), 400)["message"]
-    err = _error(srv.http.post("/v1/chat/completions", json={"messages": CHAT, "max_completion_tokens": 0}), 400)
+    openai_error(
+        srv.http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    assert "messages" in openai_error(srv.http.post("/v1/chat/completions", json={"max_tokens": 4}), 400)["message"]
+    err = openai_error(srv.http.post("/v1/chat/completions", json={"messages": CHAT, "max_completion_tokens": 0}), 400)
     assert err["param"] == "max_completion_tokens", err  # 0 is a bad value, not "unset"
 
 
 def test_unknown_model_is_404(srv):
-    err = _error(srv.http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
+    err = openai_error(srv.http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
     assert "gpt-9" in err["message"] and err["param"] == "model"
     with pytest.raises(openai.NotFoundError):
         srv.client().chat.completions.create(model="gpt-9", messages=CHAT, max_tokens=4)
@@ -329,9 +218,9 @@ def test_unknown_model_is_404(srv):
 
 def test_prompt_plus_max_tokens_over_the_context_length_is_400(srv):
     long = [5 + i % 1000 for i in range(MAX_LEN - 20)]
-    err = _error(srv.http.post("/v1/completions", json={"prompt": long, "max_tokens": 21}), 400)
+    err = openai_error(srv.http.post("/v1/completions", json={"prompt": long, "max_tokens": 21}), 400)
     assert "max_tokens" in err["message"] and str(MAX_LEN) in err["message"], err
-    _error(srv.http.post("/v1/completions", json={"prompt": long + long, "max_tokens": 1}), 400)
+    openai_error(srv.http.post("/v1/completions", json={"prompt": long + long, "max_tokens": 1}), 400)
     with pytest.raises(openai.BadRequestError):
         srv.client().completions.create(model=MODEL, prompt=long, max_tokens=21)
     r = srv.client().completions.create(model=MODEL, prompt=long, max_tokens=20, temperature=0)  # exactly fits
@@ -340,9 +229,9 @@ def test_prompt_plus_max_tokens_over_the_context_length_is_400(srv):
 
 def test_api_key(small):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}):
-        err = _error(small.http.get("/v1/models", headers=headers), 401)
+        err = openai_error(small.http.get("/v1/models", headers=headers), 401)
         assert err["type"] == "authentication_error"
-        _error(small.http.post("/v1/completions", json={"prompt": "x"}, headers=headers), 401)
+        openai_error(small.http.post("/v1/completions", json={"prompt": "x"}, headers=headers), 401)
     assert small.http.get("/health").status_code == 200  # no key needed outside /v1
     assert small.http.get("/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):
@@ -378,7 +267,7 @@ def test_a_full_queue_is_503_with_retry_after(small):
         assert b.status_code == 200
         auth = {"Authorization": "Bearer secret"}
         r = small.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}, headers=auth)
-        err = _error(r, 503)
+        err = openai_error(r, 503)
         assert r.headers["retry-after"] == "1" and "queue is full" in err["message"], err
         with pytest.raises(openai.InternalServerError) as e:
             small.client("secret").chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
@@ -425,7 +314,16 @@ def test_metrics_after_requests(srv):
         r = c.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0,
                                  extra_body={"num_speculative_tokens": k})  # fmt: skip
         usage.append(r.usage)
-    chunks = list(c.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=24, temperature=0, stream=True))
+    chunks = list(
+        c.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[5],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usage.append(chunks[-1].usage)
     m = srv.wait_idle()
     g = lambda name, **labels: m[(name, tuple(sorted(labels.items())))]
@@ -474,7 +372,8 @@ def _load_requests() -> list[dict]:
     for i in range(64):
         chat = i % 7 == 6
         prompt = PROMPTS[i % len(PROMPTS)]
-        body = {"model": MODEL, "stream": True, **SETTINGS[i % len(SETTINGS)], "max_tokens": MAX_TOKENS[i % 3]}
+        body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
+        body |= {**SETTINGS[i % len(SETTINGS)], "max_tokens": MAX_TOKENS[i % 3]}
         if body["temperature"] > 0:
             body["seed"] = 1000 + i
         kind = "invalid" if i in INVALID else "cancel" if i in CANCEL else "valid"
@@ -507,7 +406,7 @@ def _offline_references(reqs: list[dict]) -> dict[int, tuple[str, int, str]]:
             kw["seed"] = seeds
         res = offline().generate([reqs[i]["ids"] for i in members], **kw)
         for b, i in enumerate(members):
-            refs[i] = (res.texts[b], len(res.tokens[b]), _api_reason(res.finish_reasons[b]))
+            refs[i] = (res.texts[b], len(res.tokens[b]), api_reason(res.finish_reasons[b]))
     return refs
 
 
@@ -526,6 +425,8 @@ async def _run_one(client, r: dict) -> dict:
 
 
 def _delta(r: dict, chunk: dict) -> str:
+    if not chunk["choices"]:  # the usage chunk
+        return ""
     c = chunk["choices"][0]
     return (c["delta"].get("content") or "") if r["endpoint"] == "chat/completions" else c["text"]
 
@@ -552,6 +453,10 @@ def test_load_mixed_concurrent_streams(srv):
         events = res["events"]
         chunks = [json.loads(e) for e in events if e != "[DONE]"]
         assert len({c["id"] for c in chunks}) == 1, i  # one id per request ...
+        usage = chunks[-1].get("usage")
+        if r["kind"] != "cancel":
+            assert chunks[-1]["choices"] == [] and usage is not None, (i, chunks[-1])
+            chunks = chunks[:-1]
         ids_seen.append(chunks[0]["id"])
         reasons = [c["choices"][0]["finish_reason"] for c in chunks]
         if r["kind"] == "cancel":
@@ -562,8 +467,8 @@ def test_load_mixed_concurrent_streams(srv):
         assert reasons[:-1] == [None] * (len(reasons) - 1) and reasons[-1] is not None, (i, reasons)
         text, n, reason = refs[i]
         got = "".join(_delta(r, c) for c in chunks)
-        assert (got, reasons[-1], chunks[-1]["usage"]["completion_tokens"]) == (text, reason, n), (i, r["body"])
-        assert chunks[-1]["usage"]["prompt_tokens"] == len(r["ids"])
+        assert (got, reasons[-1], usage["completion_tokens"]) == (text, reason, n), (i, r["body"])
+        assert usage["prompt_tokens"] == len(r["ids"])
     assert len(set(ids_seen)) == len(ids_seen) == 64 - len(INVALID)  # ... and none shared
     finished = lambda m: sum(v for k, v in m.items() if k[0] == "minimtp:request_success_total")
     # every submitted request ended exactly once, the cancelled ones as aborted; no stream, request or block left
@@ -575,4 +480,4 @@ def test_load_mixed_concurrent_streams(srv):
 
 def test_response_format_and_guided_json_together_are_refused(srv):
     body = {"messages": CHAT, "max_tokens": 4, "response_format": {"type": "json_object"}, "guided_regex": "[a-z]+"}
-    assert "response_format" in _error(srv.http.post("/v1/chat/completions", json=body), 400)["message"]
+    assert "response_format" in openai_error(srv.http.post("/v1/chat/completions", json=body), 400)["message"]

@@ -11,11 +11,11 @@ import os
 import sys
 
 import torch
-import uvicorn
 
 from minimtp.errors import MinimtpError
 from minimtp.flags import add_pair_flags, load_pair, pair_dirs, sampling_settings
 from minimtp.serve.app import build_app
+from minimtp.serve.http import make_server
 from minimtp.serve.loop import ServingEngine
 from minimtp.tokenizer import load_tokenizer
 
@@ -36,7 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api-key", default=os.environ.get("MINIMTP_API_KEY"), help="require Authorization: Bearer KEY")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413 (default 8 MiB)")
+    p.add_argument("--timeout-header", type=float, default=10.0, help="seconds a client has to send a request head")
+    p.add_argument("--timeout-body", type=float, default=30.0, help="seconds a client has to send a request body")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM: seconds running requests may take to finish before they are cancelled",
+    )
     return p
+
+
+def server_for(app, serving, args, port: int | None = None):
+    """The uvicorn server of ``app`` with the flags' limits (serve/http.py)."""
+    return make_server(
+        app,
+        serving,
+        host=args.host,
+        port=args.port if port is None else port,
+        max_request_bytes=args.max_request_bytes,
+        header_timeout=args.timeout_header,
+        body_timeout=args.timeout_body,
+        keep_alive_timeout=args.timeout_keep_alive,
+        drain_timeout=args.shutdown_timeout,
+    )
 
 
 def create(args):
@@ -72,7 +97,7 @@ def main(argv=None) -> int:
     serving.start()
     print(f"minimtp serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server_for(app, serving, args).run()
     finally:
         serving.stop()
     return 0

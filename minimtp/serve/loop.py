@@ -2,10 +2,14 @@
 
 `ServingEngine` owns a persistent KV pool and a :class:`~minimtp.scheduler.Scheduler` (docs: serving). While there
 is work its thread runs the one-way step (``plan = schedule()``, ``engine.execute(plan)``, ``postprocess``), and
-sleeps otherwise. A request's tokens go to its asyncio queue through
-``loop.call_soon_threadsafe`` as they are accepted, then one ``("done", reason)`` event. Cancelling (a client that
-went away) takes effect at the next step and frees the request's blocks. A step that raises fails the requests it
-was running (their streams get an error) and the loop goes on: a bad request never stops the others.
+sleeps otherwise. The requests of one HTTP call (its prompts × ``n``) share one asyncio queue: their tokens go to it
+through ``loop.call_soon_threadsafe`` as they are accepted, as ``(index, "tokens", ids)``, then one
+``(index, "done", reason)``. Cancelling (a client that went away) takes effect at the next step and frees the
+request's blocks. A step that raises fails the requests it was running, once (their streams get an error), and the
+loop goes on: a bad request never stops the others.
+
+Shutting down (`close`, then `drain`): no new request is admitted (`submit` raises `ServerClosingError`, HTTP 503);
+running ones may finish until the deadline, then the rest are cancelled (finish reason "abort").
 
 Metrics: metrics.py.
 """
@@ -13,16 +17,23 @@ Metrics: metrics.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-import traceback
 
 import torch
 
+from minimtp.errors import GenerationError
 from minimtp.kv_cache import KVCache
 from minimtp.request import Request
 from minimtp.scheduler import Scheduler
 from minimtp.serve.metrics import Metrics
+
+log = logging.getLogger("minimtp.serve")
+
+
+class ServerClosingError(GenerationError):
+    """The server is shutting down and admits no new request (HTTP 503)."""
 
 
 class ServingEngine:
@@ -45,8 +56,9 @@ class ServingEngine:
         self.sched = Scheduler(
             cache, max_num_seqs=max_num_seqs, max_waiting=max_waiting, max_tokens_per_step=max_tokens_per_step
         )
-        self.streams: dict[Request, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[float]]] = {}
+        self.streams: dict[Request, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, list[float]]] = {}
         self.wake = threading.Event()
+        self.closing = False
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="minimtp-engine", daemon=True)
 
@@ -58,42 +70,69 @@ class ServingEngine:
         self.wake.set()
         self.thread.join(timeout=10)
 
-    def submit(self, req: Request) -> asyncio.Queue:
-        """Queue ``req`` (QueueFullError when the waiting queue is full); returns its event queue."""
+    def submit(self, reqs: list[Request]) -> asyncio.Queue:
+        """Queue ``reqs`` (all or none: QueueFullError when the waiting queue cannot take them, CacheFullError when
+        the pool could never hold one, ServerClosingError while shutting down); returns their event queue."""
+        if self.closing:
+            raise ServerClosingError("the server is shutting down")
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
-        times = [req.arrival]  # arrival, then the time of the last token
-        req.on_tokens = lambda r, new: self._tokens(r, new)
-        self.streams[req] = (loop, queue, times)
+        added = []
         try:
-            self.sched.add(req)
+            for i, req in enumerate(reqs):
+                req.on_tokens = self._tokens
+                self.streams[req] = (loop, queue, i, [req.arrival])  # arrival, then the time of the last token
+                self.sched.add(req)
+                added.append(req)
         except Exception:
-            del self.streams[req]
+            for req in reqs:
+                self.streams.pop(req, None)
+            for req in added:
+                self.sched.cancel(req)
             raise
         self.wake.set()
         return queue
 
-    def cancel(self, req: Request) -> None:
-        self.sched.cancel(req)
+    def cancel(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            self.sched.cancel(req)
         self.wake.set()
 
+    def close(self) -> None:
+        """Admit nothing new from now on."""
+        self.closing = True
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the requests in flight, then cancel the rest and wait for their
+        final events to be sent."""
+        deadline = time.monotonic() + timeout
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.cancel(list(self.streams))
+        deadline = time.monotonic() + 5
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     def _tokens(self, r: Request, new: list[int]) -> None:
-        loop, queue, times = self.streams[r]
+        loop, queue, index, times = self.streams[r]
         now = time.perf_counter()
         if len(times) == 1:
             self.metrics.ttft.observe(now - times[0])
         else:
             for _ in new:
                 self.metrics.itl.observe((now - times[-1]) / len(new))
-        times.append(now)
+        times[:] = [times[0], now]
         self.metrics.generation_tokens.inc(len(new))
-        loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(new)))
+        loop.call_soon_threadsafe(queue.put_nowait, (index, "tokens", list(new)))
 
     def _finish(self, r: Request, reason: str) -> None:
-        loop, queue, times = self.streams.pop(r)
+        entry = self.streams.pop(r, None)
+        if entry is None:  # submit() took it back
+            return
+        loop, queue, index, times = entry
         self.metrics.e2e.observe(time.perf_counter() - times[0])
         self.metrics.requests.labels(finished_reason=reason).inc()
-        loop.call_soon_threadsafe(queue.put_nowait, ("done", reason))
+        loop.call_soon_threadsafe(queue.put_nowait, (index, "done", reason))
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -103,24 +142,18 @@ class ServingEngine:
                 self.wake.clear()
                 continue
             prompt_before = self.sched.stats.prompt_tokens
+            plan = None
             try:
                 with torch.inference_mode():
                     plan = self.sched.schedule()
                     finished = self.sched.postprocess(plan, self.engine.execute(plan, self.sched.cache))
-            except Exception as e:  # fail the batch that raised, keep serving
-                traceback.print_exc()
-                finished = self._fail_running(f"{type(e).__name__}: {e}")
+            except Exception as e:  # fail the requests of the step that raised, once; keep serving
+                culprits = plan.requests if plan is not None else list(self.sched.waiting)[:1]
+                log.exception("a step of %d request(s) failed; they end with an error", len(culprits))
+                finished = (plan.retired if plan is not None else []) + self.sched.fail(
+                    culprits, f"{type(e).__name__}: {e}"
+                )
             self.metrics.prompt_tokens.inc(self.sched.stats.prompt_tokens - prompt_before)
             for r in finished:
                 self._finish(r, r.done)
             self.metrics.update(self.sched)
-
-    def _fail_running(self, message: str) -> list[Request]:
-        failed = []
-        for r in list(self.sched.running):
-            self.sched.running.remove(r)
-            self.sched.cache.release(r.id)
-            r.done = "error"
-            r.stop_reason = message
-            failed.append(r)
-        return failed

@@ -104,7 +104,7 @@ def build_app(
     def tokenize(text: str) -> list[int]:
         if len(text) > max_model_len * longest:  # cannot fit whatever it tokenizes to: do not tokenize it
             raise APIError(f"the prompt ({len(text)} characters) exceeds the model's context length", param="prompt")
-        return list(tokenizer(text)["input_ids"])
+        return list(tokenizer.encode(text))
 
     async def prompt_ids(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -122,6 +122,9 @@ def build_app(
         return out
 
     def chat_ids(messages: list[dict]) -> list[int]:
+        chars = sum(len(part) for m in messages for part in _texts(m.get("content")))
+        if chars > max_model_len * longest:  # the template keeps every text: it cannot fit
+            raise APIError(f"the messages ({chars} characters) exceed the model's context length", param="messages")
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as e:  # jinja / message-shape errors, one line
@@ -216,6 +219,15 @@ def _choices(n: int | None, prompts: int, serving) -> int:
     if limit is not None and n * prompts > limit:
         raise APIError(f"{prompts} prompt(s) x n={n} is more requests than the queue holds ({limit})", param="n")
     return n
+
+
+def _texts(content) -> list[str]:
+    """The texts of a message's content (a string, or a list of parts)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
 
 
 async def _disconnected(request: Request) -> None:

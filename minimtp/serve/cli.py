@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -96,8 +97,12 @@ def main(argv=None) -> int:
         return 2
     serving.start()
     print(f"minimtp serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    # uvicorn drains on SIGTERM / SIGINT (http.py), then re-raises the signal: exit 0 after that, no traceback
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server_for(app, serving, args).run()
+    except KeyboardInterrupt:
+        pass
     finally:
         serving.stop()
     return 0

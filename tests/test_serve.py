@@ -109,6 +109,20 @@ def test_chat_greedy_equals_the_offline_engine(srv):
     assert r.choices[0].message.content == text
 
 
+def test_langchain_chat_openai_unmodified(srv):
+    """LangChain's ChatOpenAI, as its users write it, against the server: invoke and stream give the offline
+    engine's greedy text."""
+    chat_openai = pytest.importorskip("langchain_openai").ChatOpenAI
+    llm = chat_openai(base_url=srv.url + "/v1", api_key="x", model=MODEL, temperature=0, max_tokens=30, max_retries=0)
+    text, _, _ = reference(chat_ids(CHAT), dict(max_tokens=30, temperature=0))
+    question = CHAT[0]["content"]
+    assert llm.invoke(question).content == text
+    assert "".join(chunk.content for chunk in llm.stream(question)) == text
+    unbounded = chat_openai(base_url=srv.url + "/v1", api_key="x", model=MODEL, temperature=0, max_retries=0)
+    reply = unbounded.invoke(question)  # no max_tokens: the rest of the context, as OpenAI
+    assert reply.content.startswith(text) and reply.response_metadata["finish_reason"] in ("stop", "length")
+
+
 def test_seeded_sampling_is_reproducible_and_equals_the_offline_engine(srv):
     c, body = srv.client(), dict(max_tokens=40, temperature=1.0, seed=7)
     text, n, _ = reference(ids(PROMPTS[2]), body)

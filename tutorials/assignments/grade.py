@@ -4,6 +4,9 @@
     python tutorials/assignments/grade.py <assignment> path/to/student.py        # the public suite
     python tutorials/assignments/grade.py <assignment> FILE --json results.json  # + Gradescope's results.json
     python tutorials/assignments/grade.py <assignment> FILE --hidden SECRET      # + the instructor's hidden suite
+    python tutorials/assignments/grade.py <assignment> FILE --hidden-secret S --student ID   # one student's draws
+    python tutorials/assignments/grade.py <assignment> --library                 # the holes of the installed minimtp
+    python tutorials/assignments/grade.py <assignment> --roster DIR --out OUT    # a class: CSV + results.json each
     python tutorials/assignments/grade.py --points <assignment>                  # the points of every test
     python tutorials/assignments/grade.py --list
 
@@ -22,6 +25,21 @@ file) runs the same invariants on new cases (vocabulary sizes, block sizes, Hq:H
 partly full pools, sequences much longer than the window, gradients of the distillation loss) drawn from a secret
 the instructor passes (``--hidden SECRET`` or the environment variable ``MINIMTP_GRADER_SECRET``). With a secret
 both suites run and the score is their mean (each test counts for half its points).
+
+Library. A student release ships minimtp itself with each assignment's functions as holes (grading/holes.py);
+``--library`` grades the holes of the installed minimtp (the file ``python -m minimtp.generate`` runs on), and a
+FILE that is the assignment's library file (it defines every hole) is graded the same way: through the
+assignment's API (grading/library.py).
+
+Copy check. The file's own code (what the starter file does not give) is fingerprinted (winnowing,
+grading/similarity.py) and compared with the library's answer, the reference solution and every tutorial, and in
+roster mode with every other submission; a match above the measured threshold is flagged with the matching line
+ranges of both files (it does not change the score: an instructor reads it).
+
+Per-student hidden suites. ``--hidden-secret S --student ID`` seeds the hidden suite from HMAC-SHA256(S, ID): every
+student gets other cases, the instructor regrades any of them from S alone. ``--roster DIR`` grades every
+submission of DIR (``DIR/<id>/<file>.py`` or ``DIR/<id>.py``), each with its own secret, writes
+``OUT/<id>/results.json`` and ``OUT/roster.csv`` (one row per student: scores, the copy-check flags and their spans).
 
 Statistics. Distribution checks are exact where the randomness can be integrated analytically (acceptance as a
 function of u ~ U[0,1): the accepted set must be exactly [0, min(1, p(x)/q(x))) whatever the other random inputs
@@ -60,10 +78,12 @@ from grading import (  # noqa: E402
     grade,
     load_hidden,
     not_graded_json,
+    student_secret,
     submission_problem,
     suite_tests,
     write_json_data,
 )
+from grading.roster import grade_roster  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -102,7 +122,7 @@ def points_table(assignment: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Grade an assignment with the project's property tests.")
     ap.add_argument("assignment", nargs="?", help="assignment name (--list shows them)")
-    ap.add_argument("file", nargs="?", help="the student file to grade")
+    ap.add_argument("file", nargs="?", help="the student file to grade (a starter-style file or the library's)")
     ap.add_argument("--list", action="store_true", help="list the assignments")
     ap.add_argument("--points", metavar="ASSIGNMENT", nargs="?", const="", help="print the points of every test")
     ap.add_argument("-x", "--fail-fast", action="store_true", help="stop at the first failing test")
@@ -112,8 +132,16 @@ def main(argv=None) -> int:
                     "the report then goes to stderr)")  # fmt: skip
     ap.add_argument("--hidden", metavar="SECRET", help=f"run the hidden suite too, seeded from SECRET (default: "
                     f"${SECRET_ENV}; instructors only)")  # fmt: skip
+    ap.add_argument("--hidden-secret", metavar="S", help="the course secret: with --student (or --roster) the "
+                    "hidden suite is seeded from HMAC(S, student id)")  # fmt: skip
+    ap.add_argument("--student", metavar="ID", help="the student id the hidden suite is drawn for")
     ap.add_argument("--suite", choices=("public", "hidden", "both"), help="which suites to run (default: public, "
                     "or both with a secret)")  # fmt: skip
+    ap.add_argument("--library", action="store_true", help="grade the library's holes: FILE is the assignment's "
+                    "library file (default: the installed minimtp's)")  # fmt: skip
+    ap.add_argument("--no-copy-check", action="store_true", help="skip the copy check")
+    ap.add_argument("--roster", metavar="DIR", help="grade every submission in DIR (DIR/<id>/*.py or DIR/<id>.py)")
+    ap.add_argument("--out", metavar="DIR", help="with --roster: where roster.csv and <id>/results.json go")
     args = ap.parse_args(argv)
     if args.points is not None:
         names = [args.points or args.assignment] if (args.points or args.assignment) else list(TESTS)
@@ -130,9 +158,37 @@ def main(argv=None) -> int:
     if args.assignment not in TESTS:
         print(f"unknown assignment {args.assignment!r}; expected one of {sorted(TESTS)}", file=sys.stderr)
         return 2
-    secret = args.hidden or (os.environ.get(SECRET_ENV) if args.suite in (None, "hidden", "both") else None)
+    if args.student and not args.hidden_secret:
+        print("--student needs --hidden-secret S (the course secret the student's is derived from)", file=sys.stderr)
+        return 2
+    if args.roster:
+        if not args.out:
+            print("--roster needs --out DIR (where roster.csv and the results.json files go)", file=sys.stderr)
+            return 2
+        if not os.path.isdir(args.roster):
+            print(f"--roster {args.roster}: no such folder", file=sys.stderr)
+            return 2
+        return grade_roster(
+            args.assignment,
+            args.roster,
+            args.out,
+            course_secret=args.hidden_secret,
+            timeout=args.timeout or None,
+            suite=args.suite,
+            copy_check=not args.no_copy_check,
+        )
+    if args.hidden_secret and args.student:
+        secret = student_secret(args.hidden_secret, args.student)
+    else:
+        secret = args.hidden or (os.environ.get(SECRET_ENV) if args.suite in (None, "hidden", "both") else None)
     if args.suite == "public":
         secret = None
+    if args.library and not args.file:
+        try:
+            args.file = grading.library.installed_file(args.assignment)
+        except FileNotFoundError as e:
+            print(f"cannot grade: {e} (pip install -e the release first)", file=sys.stderr)
+            return 2
     why = submission_problem(args.assignment, args.file)
     if why:  # nothing to grade: say so, and with --json still write a results.json (score 0) that says so
         print(f"cannot grade: {why}", file=sys.stderr)
@@ -145,7 +201,9 @@ def main(argv=None) -> int:
         return 2
     out = sys.stderr if args.json == "-" else sys.stdout
     report = grade(args.assignment, os.path.abspath(args.file), out=out, fail_fast=args.fail_fast,
-                   timeout=args.timeout or None, secret=secret, suite=args.suite, json_path=args.json)  # fmt: skip
+                   timeout=args.timeout or None, secret=secret, suite=args.suite, json_path=args.json,
+                   library=True if args.library else None, copy_check=not args.no_copy_check,
+                   student=args.student or "")  # fmt: skip
     return 0 if report.ok else 1
 
 

@@ -88,9 +88,9 @@ def register(G) -> None:
         target, drafter, x, k, **mistakes[name]
     )
 
-    def hidden(assignment, hint, points=0, bug="", gate=False, chi2=0, name=None):
+    def hidden(assignment, hint, points=0, bug="", gate=False, chi2=0, name=None, library=True):
         return G.test(assignment, hint, points=points, bug=bug, gate=gate, chi2=chi2, name=name, registry=G.HIDDEN,
-                      suite="hidden")  # fmt: skip
+                      suite="hidden", library=library)  # fmt: skip
 
     def hint(assignment: str, name: str) -> str:
         return next(t.hint for t in G.TESTS[assignment] if t.name == name)
@@ -120,13 +120,14 @@ def register(G) -> None:
     def _(mod, seed):
         G.no_library_shortcut(mod)
 
-    @hidden(SP, "propose(): see the public test of the same name.", points=8, bug=G.SP_PROPOSE, name="propose_api")
+    @hidden(SP, "propose(): see the public test of the same name.", points=8, bug=G.SP_PROPOSE, name="propose_api",
+            library=False)  # fmt: skip
     def _(mod, seed):
         g = gen(seed)
         G.check_propose(mod, seed % 10_000, rint(g, 5, 13), params(g))
 
     @hidden(SP, "the drafts must be sampled from the q' you return.", points=8, bug=G.SP_DRAFTS, chi2=2,
-            name="drafts_follow_q")  # fmt: skip
+            name="drafts_follow_q", library=False)  # fmt: skip
     def _(mod, seed):
         g = gen(seed)
         for _ in range(2):
@@ -152,9 +153,14 @@ def register(G) -> None:
         g = gen(seed)
         G.check_bonus(mod, g, rint(g, 4, 10), 4000, rint(g, 0, 10**6))
 
-    @hidden(SP, hint(SP, "invariants"), points=10, bug=G.SP_LAYOUT, name="invariants")
+    @hidden(SP, hint(SP, "invariants"), points=6, bug=G.SP_LAYOUT, name="invariants")
     def _(mod, seed):
         G.check_invariants(mod, gen(seed), trials=30, max_v=13)
+
+    @hidden(SP, "a numerically empty residual (p <= q everywhere after a rejection) must fall back to p_j.", points=4,
+            bug=G.SP_EMPTY_RESIDUAL, name="empty_residual_falls_back_to_p")  # fmt: skip
+    def _(mod, seed):
+        G.check_empty_residual(mod, gen(seed), trials=6)
 
     for i, mode in enumerate(("sample", "argmax", "sample")):
 
@@ -211,8 +217,10 @@ def register(G) -> None:
     def _(mod, seed):
         g = gen(seed)
         bs = pick(g, [2, 3, 4, 8])
-        grow = rint(g, 2, 2 * bs + 1)
-        G.check_rollback_frees(mod, g, 40, bs, grow, rint(g, 0, grow), 30)
+        # every draw rolls back more than 2 blocks' worth (grow - keep > 2 bs): at least two blocks must be freed in
+        # every round, so a rollback that frees nothing, or only one block, fails every draw
+        grow = rint(g, 2 * bs + 1, 3 * bs + 1)
+        G.check_rollback_frees(mod, g, 12 * bs, bs, grow, rint(g, 0, grow - 2 * bs - 1), 30)
 
     @hidden(KV, "trim(seq, keep) frees exactly the blocks whose positions are all < length - keep.", points=14,
             bug=G.KV_TRIM_WINDOW, name="trim_window")  # fmt: skip
@@ -272,10 +280,11 @@ def register(G) -> None:
     kernel("sequence much longer than the window, freed blocks hold NaN", 14, long_window, G._WINDOW)
 
     def odd_dim(g):
-        return ([2, 1], [rint(g, 33, 70), rint(g, 17, 40)], 8, 1, pick(g, [12, 24, 20]), 4, 0, False)
+        # head dims above the public suite's (<= 16) and not powers of two, in every draw
+        return ([2, 1], [rint(g, 33, 70), rint(g, 17, 40)], 8, 1, pick(g, [20, 24, 40]), 4, 0, False)
 
     kernel(
-        "8:1, head dim not a power of two, several tiles",
+        "8:1, head dim 20-40 (not a power of two, above the public suite's), several tiles",
         14,
         odd_dim,
         hint(PA, "kernel: GQA 8:1, head dim 12, scale 0.3, 40 keys (several tiles)"),
@@ -300,7 +309,9 @@ def register(G) -> None:
     @hidden(DD, hint(DD, "loss_matches_definition"), points=20, bug=G.DD_LOSS, name="loss_matches_definition")
     def _(mod, seed):
         g = gen(seed)
-        G.check_loss_value(mod, rows(g, 4), (1, 2, 4), rint(g, 10, 10**6))
+        # sequences shorter than the public suite's 16 tokens in every draw (a loss that hard-codes S fails)
+        x = rows(g, 4)[:, : rint(g, 9, 14)]
+        G.check_loss_value(mod, x, (1, 2, 4), rint(g, 10, 10**6))
 
     @hidden(
         DD,
@@ -311,7 +322,7 @@ def register(G) -> None:
     )
     def _(mod, seed):
         g = gen(seed)
-        G.check_loss_gradient(mod, rows(g, 4), rint(g, 2, 3), rint(g, 10, 10**6))
+        G.check_loss_gradient(mod, rows(g, 4)[:, : rint(g, 9, 14)], rint(g, 2, 3), rint(g, 10, 10**6))
 
     @hidden(DD, hint(DD, "loss_has_gradients"), points=5, bug=G.DD_DETACHED, name="loss_has_gradients")
     def _(mod, seed):
@@ -324,10 +335,8 @@ def register(G) -> None:
         st = G._distil_setup()
         g = gen(seed)
         target = st["target"]
-        starts = [[int(t)] for t in torch.randint(2, target.config.vocab_size, (32,), generator=g)]
-        res = st["engine"].generate(starts, max_new_tokens=15, temperature=1.0, seed=rint(g, 3, 10**6),
-                                    stop_token_ids=[])  # fmt: skip
-        heldout = _heldout["last"] = torch.tensor([a + b for a, b in zip(starts, res.tokens)])
+        starts = torch.randint(2, target.config.vocab_size, (32, 1), generator=g)
+        heldout = _heldout["last"] = G.sample_sequences(target, starts, 15, rint(g, 3, 10**6))
         return G.check_acceptance_after_training(mod, heldout)
 
     @hidden(DD, hint(DD, "train_as_good_as_the_given_loop"), points=10, bug=G.DD_TRAIN,

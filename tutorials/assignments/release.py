@@ -16,6 +16,13 @@ command in the handouts and starter files works unchanged from ``OUT``:
 * the helper modules of ``tutorials/`` that the grader, the starters or the tutorials import (``_tiny.py``);
 * ``tutorials/NN_*.py`` — the numbered tutorials the starter files tell students to read first (tests check that
   no tutorial contains an assignment's answer: tests/test_release.py);
+* ``minimtp/`` and ``pyproject.toml`` — **the minimtp package itself**, with every assignment's functions replaced
+  by holes (``raise NotImplementedError``), cut from the library's source by its syntax tree following the one
+  table ``grading/holes.py``: ``pip install -e .`` in ``OUT`` installs it, the student fills the holes in place, and
+  ``python -m minimtp.generate`` then runs on their sampler, their rollback, their kernel. The Triton kernels
+  (``kernels/``, a symlink ``minimtp/kernels`` in the repository) are copied as the folder ``minimtp/kernels/``;
+  ``grading/reference_prints.json`` holds the fingerprints of the library's answers and of the reference solutions
+  (hashes and line numbers, no code) so that the released grader's copy check still has them;
 * ``handouts/<assignment>.md`` — the handout page ``docs/assignments/<assignment>.md``, where it exists, and
   ``handouts/figures/`` — the images it shows (the figures the docs build draws, drawn here with
   ``scripts/figures.py``). Every link of a handout resolves inside the release or points to the published docs:
@@ -28,7 +35,8 @@ assignments' developer README (it lists the fixtures). The release refuses to bu
 from ``solutions/`` or ``fixtures/``. The released grader needs the ``minimtp`` package installed (its wheel holds
 the library only: no tutorials, no assignments), as the README explains.
 
-``--instructor`` also copies the hidden suite (every ``hidden*`` file under ``tutorials/assignments/``, same
+``--instructor`` ships the complete library (no holes: the instructor's grader compares with it) and also copies
+the hidden suite (every ``hidden*`` file under ``tutorials/assignments/``, same
 relative path, and whatever it imports, reference solutions included) so that the released grader can run it
 (``grade.py <assignment> FILE --hidden SECRET``); keep that folder away from students.
 """
@@ -263,6 +271,12 @@ def _points_table(names: list[str]) -> str:
 
 
 def readme(names: list[str], handouts: list[str], instructor: bool, hidden: list[str], docs_links: bool) -> str:
+    table = _load_stdlib_module("holes")
+    holes = "\n".join(
+        f"| `{a}` | " + ", ".join(f"`{table.released_path(h.path)}`: `{h.name}`" for h in table.graded(a)) + " |"
+        for a in names
+        if a in table.HOLES
+    )
     rows = "\n".join(
         f"| `{a}` | `tutorials/assignments/{a}/student.py` | "
         + (f"[handouts/{a}.md](handouts/{a}.md)" if a in handouts else "—")
@@ -285,11 +299,22 @@ assignment's answer.
 
 ## Setup
 
-The grader, the tutorials and the starter files use the `minimtp` library (PyTorch reference, Triton kernels):
+This folder is the `minimtp` package itself (PyTorch reference, Triton kernels), with each assignment's functions
+left as holes: install it in editable mode, then fill the holes in place.
 
 ```bash
-pip install minimtp          # or the wheel your instructor gives you: pip install minimtp-*.whl
+pip install -e .             # from this folder: the minimtp of this release, holes and all
 ```
+
+| assignment | the holes you fill (in the package) |
+|---|---|
+{holes}
+
+Once an assignment's holes are filled, the real engine runs on your code: `python -m minimtp.generate --prompt
+"Hello"` uses your KV cache (`kv_rollback`), `--temperature 1 --draft-mode sample` your verification
+(`spec_sampling`), `--attention triton` your kernel (`paged_attention_kernel`, with `TRITON_INTERPRET=1` on a CPU),
+and `python -m minimtp.train assistant ...` your distillation loss (`distil_drafter`). Until then, whatever needs a
+hole raises `NotImplementedError` naming it (the engine needs the `kv_rollback` holes for everything).
 
 No GPU is needed: the Triton kernels run on the CPU under Triton's interpreter, which the grader turns on by
 itself when there is no GPU (a script of your own sets `TRITON_INTERPRET=1` before importing torch or triton).
@@ -302,8 +327,14 @@ From this folder:
 python tutorials/assignments/grade.py --list                      # the assignments
 python tutorials/assignments/grade.py kv_rollback tutorials/assignments/kv_rollback/student.py
 python tutorials/assignments/grade.py kv_rollback my_answer.py -x  # stop at the first failure
+python tutorials/assignments/grade.py kv_rollback --library       # the holes you filled in minimtp/kv_cache.py
 python tutorials/assignments/grade.py --help                      # every option
 ```
+
+`--library` grades the holes of the installed package (the same tests, through the assignment's API); the starter
+file `student.py` of each assignment is the same exercise in one file, graded the same way. The grader also
+compares your code with the library's own answer, the tutorials and the reference solution: a submission that is
+mostly a copy is flagged for your instructor.
 
 It prints one line per test (PASS / FAIL / WARN) with a hint for each failure, and exits with status 0 iff every
 required test passes. An untouched starter file fails with "not implemented yet". Work on the starter file itself
@@ -333,6 +364,77 @@ tests, so make the invariants hold in general rather than for the printed cases.
     return text
 
 
+LIBRARY_SKIP = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints", "minimtp.egg-info"}
+
+
+def _load_stdlib_module(name: str):
+    """A grading module that imports only the standard library (holes, similarity), loaded by path without the
+    grading package (which imports torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"minimtp_release_{name}", ADIR / "grading" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _library_files() -> list[tuple[Path, str]]:
+    """(source file, path in the release) of the minimtp package: minimtp/ with its kernels link followed."""
+    pkg = ROOT / "minimtp"
+    out = []
+    for folder, dirs, names in os.walk(pkg, followlinks=True):  # minimtp/kernels is a link to kernels/
+        dirs[:] = sorted(d for d in dirs if d not in LIBRARY_SKIP)
+        for name in sorted(names):
+            p = Path(folder) / name
+            if p.suffix != ".pyc" and p.is_file():
+                out.append((p, "minimtp/" + p.relative_to(pkg).as_posix()))
+    return out
+
+
+def write_library(out: Path, holes: bool = True) -> tuple[list[Path], dict]:
+    """Write the minimtp package into ``out`` (``minimtp/``, ``pyproject.toml``), every hole of grading/holes.py cut
+    when ``holes``; returns (the written files, the fingerprints of what was cut and of the solutions)."""
+    table = _load_stdlib_module("holes")
+    assignment_of = {h.name: a for a, hs in table.HOLES.items() for h in hs}
+    written = []
+    cut_paths = {table.released_path(h.path): h.path for hs in table.HOLES.values() for h in hs}
+    for src, rel in _library_files():
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if holes and rel in cut_paths:
+            text = src.read_text(encoding="utf-8")
+            dest.write_text(table.cut(text, table.holes_of(rel), assignment_of), encoding="utf-8")
+        else:
+            shutil.copy2(src, dest)
+        written.append(dest)
+    missing = set(cut_paths) - {rel for _, rel in _library_files()}
+    if missing:
+        raise ReleaseError(f"grading/holes.py names files the package does not have: {sorted(missing)}")
+    for name in ("pyproject.toml", "LICENSE"):
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, out / name)
+            written.append(out / name)
+    prints = {}
+    if holes:
+        sim = _load_stdlib_module("similarity")
+        for a, hs in table.HOLES.items():
+            refs = []
+            for path in dict.fromkeys(h.path for h in hs):
+                text = (ROOT / path).read_text(encoding="utf-8")
+                refs.append(sim.to_json(sim.part(text, [h.name for h in hs if h.path == path],
+                                                 table.released_path(path))))  # fmt: skip
+            sol = ADIR / "solutions" / f"{a}.py"
+            starter = ADIR / a / "student.py"
+            if sol.is_file() and starter.is_file():
+                given = {q: sim.fingerprint(t).tokens for q, t, _ in sim.functions(starter.read_text("utf-8"))}
+                text = sol.read_text(encoding="utf-8")
+                mine = [q for q, t, _ in sim.functions(text) if q not in given or sim.fingerprint(t).tokens != given[q]]
+                refs.append(sim.to_json(sim.part(text, mine, f"the reference solution ({a})")))
+            prints[a] = refs
+    return written, prints
+
+
 def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> list[Path]:
     """Write the release into ``out``; returns the released files (paths inside ``out``)."""
     out = Path(out)
@@ -356,6 +458,14 @@ def build(out: Path, instructor: bool = False, docs_url: str | None = None) -> l
         dest = out / f.relative_to(ROOT)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
+        written.append(dest)
+    lib, prints = write_library(out, holes=not instructor)
+    written += lib
+    if prints:
+        import json
+
+        dest = out / "tutorials" / "assignments" / "grading" / "reference_prints.json"
+        dest.write_text(json.dumps(prints), encoding="utf-8")
         written.append(dest)
     handouts, unresolved = [], []
     pages = {a: DOCS / "assignments" / f"{a}.md" for a in names if (DOCS / "assignments" / f"{a}.md").is_file()}

@@ -43,6 +43,7 @@ class Test:
     gate: bool = False  # an integrity check: failing it scores the whole file 0
     suite: str = "public"  # "public" or "hidden"
     chi2: int = 0  # number of χ² tests it runs (for the stated false-failure probability)
+    library: bool = True  # also run when grading the library's holes (False: it tests a starter-file-only API)
 
 
 TESTS: dict[str, list[Test]] = {}  # the public suite of every assignment
@@ -52,13 +53,14 @@ DESCRIPTIONS: dict[str, str] = {}
 
 
 def test(assignment: str, hint: str, points: int = 0, required: bool = True, bug: str = "", gate: bool = False,
-         chi2: int = 0, name: str | None = None, registry: dict | None = None, suite: str = "public"):  # fmt: skip
+         chi2: int = 0, name: str | None = None, registry: dict | None = None, suite: str = "public",
+         library: bool = True):  # fmt: skip
     """Register ``fn`` as a test of ``assignment`` (public suite unless ``registry`` / ``suite`` say otherwise)."""
 
     def deco(fn):
         reg = TESTS if registry is None else registry
         reg.setdefault(assignment, []).append(
-            Test(name or fn.__name__, fn, hint, required, points, bug, gate, suite, chi2)
+            Test(name or fn.__name__, fn, hint, required, points, bug, gate, suite, chi2, library)
         )
         return fn
 
@@ -166,6 +168,11 @@ class Report:
     results: list[Result] = field(default_factory=list)
     seconds: float = 0.0
     import_error: str = ""
+    library: bool = False  # the file is the library's (its holes graded through the assignment's API)
+    tests: dict = field(default_factory=dict)  # suite -> the tests run (library mode leaves some out)
+    copies: list = field(default_factory=list)  # similarity.Match of every reference the file is flagged against
+    closest: object = None  # the closest reference's similarity.Match (flagged or not)
+    student: str = ""  # the student id the hidden suite was drawn for (--student)
 
     @property
     def ok(self) -> bool:
@@ -175,8 +182,13 @@ class Report:
     def integrity_ok(self) -> bool:
         return all(r.status == "PASS" for r in self.results if r.test.gate)
 
+    def scale(self, suite: str) -> float:
+        """TOTAL over the points of the suite's tests that ran (1 unless library mode left some out)."""
+        pts = sum(t.points for t in self.tests.get(suite, suite_tests(self.assignment, suite)))
+        return TOTAL / pts if pts else 1.0
+
     def weight(self, t: Test) -> float:
-        return 1.0 / len(self.suites)
+        return self.scale(t.suite) / len(self.suites)
 
     @property
     def score(self) -> float:
@@ -186,12 +198,12 @@ class Report:
 
     @property
     def max_score(self) -> float:
-        return float(sum(suite_points(self.assignment, s) for s in self.suites) / len(self.suites))
+        return float(sum(TOTAL if suite_points(self.assignment, s) else 0 for s in self.suites) / len(self.suites))
 
     def suite_score(self, suite: str) -> float:
         if not self.integrity_ok:
             return 0.0
-        return sum(r.score for r in self.results if r.test.suite == suite)
+        return sum(r.score for r in self.results if r.test.suite == suite) * self.scale(suite)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -227,9 +239,23 @@ def load_hidden(path: str | None = None) -> bool:
     return True
 
 
+def student_secret(course_secret: str, student: str) -> str:
+    """One student's hidden-suite secret: HMAC-SHA256(course secret, student id), hex. Every student gets other
+    draws; the instructor regrades any of them from the course secret alone."""
+    import hmac
+
+    return hmac.new(course_secret.encode(), student.encode(), hashlib.sha256).hexdigest()
+
+
 def hidden_seed(secret: str, assignment: str, name: str) -> int:
     """The seed of one hidden test: a hash of the instructor's secret, the assignment and the test."""
     return int.from_bytes(hashlib.sha256(f"{secret}\0{assignment}\0{name}".encode()).digest()[:6], "little")
+
+
+def _graded_holes(assignment: str):
+    from .holes import graded
+
+    return graded(assignment)
 
 
 def _where(e: BaseException, path: str) -> str:
@@ -287,11 +313,29 @@ def _print_result(r: Result, out) -> None:
         print("         your code printed: " + _indent("\n".join(tail)), file=out)
 
 
+def _library_tests(assignment: str, suite: str) -> list[Test]:
+    """The tests of a library file: its own integrity gate, then every test of the suite that is not a starter
+    file's gate and applies to the library (``Test.library``)."""
+    from .library import check_library_file
+
+    def gate(mod, seed=None):
+        check_library_file(assignment, mod)
+
+    first = Test("library_integrity", gate, "fill the holes with your own code: the file may import only what the "
+                 "library file imports, and nothing inside a hole (no import, importlib, exec or eval).",
+                 bug="library shortcut", gate=True, suite=suite)  # fmt: skip
+    return [first] + [t for t in suite_tests(assignment, suite) if t.library and not t.gate]
+
+
 def grade(assignment: str, path: str, out=None, fail_fast: bool = False, timeout: float | None = DEFAULT_TIMEOUT,
-          secret: str | None = None, suite: str | None = None, json_path: str | None = None) -> Report:  # fmt: skip
+          secret: str | None = None, suite: str | None = None, json_path: str | None = None,
+          library: bool | None = None, copy_check: bool = True, student: str = "") -> Report:  # fmt: skip
     """Grade the file ``path`` as ``assignment``; print the report to ``out``; return a Report (truthy iff every
     required test passed). ``suite``: "public", "hidden" or "both" (default: "both" with a ``secret``, else
-    "public"). ``json_path``: also write Gradescope's results.json there ("-": standard output)."""
+    "public"). ``json_path``: also write Gradescope's results.json there ("-": standard output). ``library``: the
+    file is the assignment's library file (grading/holes.py; None: decided from the file, which then defines every
+    hole). ``copy_check``: compare the file's own code with the library, the reference and the tutorials
+    (grading/originality.py). ``student``: the id the hidden secret was derived for (printed)."""
     out = out or sys.stdout
     suite = suite or ("both" if secret else "public")
     suites = ("public", "hidden") if suite == "both" else (suite,)
@@ -301,26 +345,42 @@ def grade(assignment: str, path: str, out=None, fail_fast: bool = False, timeout
         if not secret:
             raise SystemExit(f"the hidden suite needs a secret: --hidden SECRET or {SECRET_ENV}")
     torch.set_num_threads(1)
-    report = Report(assignment, path, suites)
+    from .library import adapt, is_library_file
+
+    try:
+        source = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError):
+        source = ""
+    lib = is_library_file(assignment, source) if library is None else library
+    report = Report(assignment, path, suites, library=lib, student=student)
+    report.tests = {s: (_library_tests(assignment, s) if lib else suite_tests(assignment, s)) for s in suites}
     _WATCH.update(out=out, report=report, json=json_path)
     t_start = time.perf_counter()
     names = {"public": "public suite", "hidden": "hidden suite"}
-    print(f"Grading {path} as assignment '{assignment}' ({' + '.join(names[s] for s in suites)})", file=out)
+    what = " + ".join(names[s] for s in suites) + (f", drawn for student {student}" if student else "")
+    print(f"Grading {path} as assignment '{assignment}' ({what})", file=out)
+    if lib:
+        left = [t.name for t in suite_tests(assignment, suites[0]) if not t.library]
+        print(f"  the library's holes ({', '.join(h.name for h in _graded_holes(assignment))})"
+              + (f"; {', '.join(left)} test the starter file's API only: left out, the other tests count for the "
+                 f"{TOTAL} points" if left else ""), file=out)  # fmt: skip
     try:
         with deadline(timeout, "import"), contextlib.redirect_stdout(io.StringIO()):
             mod = load(path)
+            if lib:
+                mod = adapt(assignment, mod)
     except (Exception, TestTimeout) as e:  # a syntax error, an import that loops, etc.: report, do not crash
         what = "it did not finish" if isinstance(e, TestTimeout) else f"{type(e).__name__}: {e}"
         report.import_error = what
         print(f"  [FAIL] import: {what}", file=out)
         for s in suites:
-            for t in suite_tests(assignment, s):
+            for t in report.tests[s]:
                 report.results.append(Result(t, "FAIL", 0.0, 0.0, "import error", f"the file does not import: {what}"))
     else:
         for s in suites:
             if len(suites) > 1:
                 print(f"  -- {names[s]} --", file=out)
-            for t in suite_tests(assignment, s):
+            for t in report.tests[s]:
                 seed = hidden_seed(secret, assignment, t.name) if s == "hidden" else None
                 r = _run_one(t, mod, path, timeout, seed)
                 report.results.append(r)
@@ -337,7 +397,16 @@ def grade(assignment: str, path: str, out=None, fail_fast: bool = False, timeout
     warned = sum(r.status == "WARN" for r in report.results)
     if not report.integrity_ok:
         print("  an integrity check failed: the score is 0 (the other tests ran for feedback only)", file=out)
-    each = [f"{s} {report.suite_score(s):g}/{suite_points(assignment, s)}" for s in suites]
+    if copy_check and source:
+        from . import originality
+
+        report.closest, report.copies = originality.check(assignment, source, lib)
+        for m in report.copies:
+            print(f"  [FLAG] copy check: {m.describe()}", file=out)
+        if report.closest is not None and not report.copies:
+            print(f"  copy check: not flagged (closest: {report.closest.share:.0%} of the fingerprints match "
+                  f"{report.closest.b})", file=out)  # fmt: skip
+    each = [f"{s} {report.suite_score(s):g}/{TOTAL}" for s in suites]
     parts = "" if len(suites) == 1 else " (" + ", ".join(each) + ", each counts half)"
     print(f"Score: {report.score:g}/{report.max_score:g}{parts}", file=out)
     print(f"{'PASSED' if report.ok else 'FAILED'}: {passed} passed, {failed} failed, {warned} advisory warnings",
@@ -372,7 +441,19 @@ def gradescope_json(report: Report, extra: str = "") -> dict:
             "output": "\n".join(text),
             "visibility": "visible" if r.test.suite == "public" else "after_published",
         })  # fmt: skip
+    if report.copies or report.closest is not None:
+        tests.append({
+            "name": "copy check",
+            "score": 0.0,
+            "max_score": 0.0,
+            "status": "failed" if report.copies else "passed",
+            "output": "\n".join(f"flagged: {m.describe(limit=20)}" for m in report.copies) or (
+                f"not flagged (closest: {report.closest.share:.0%} of the fingerprints match {report.closest.b})"),
+            "visibility": "hidden",
+        })  # fmt: skip
     lines = [f"assignment {report.assignment}: {report.score:g}/{report.max_score:g}"]
+    if report.student:
+        lines.append(f"hidden suite drawn for student {report.student}")
     if report.import_error:
         lines.append(f"the file does not import: {report.import_error}")
     if not report.integrity_ok:

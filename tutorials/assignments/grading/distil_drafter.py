@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .core import BUG_HINTS, DESCRIPTIONS, Failure, check, test
+from .distil_reference import acceptance, reference_loss, sample_sequences, step_losses
 from .integrity import _check_imports
 
 # =========================================================================================== distil_drafter
@@ -83,22 +84,20 @@ _SETUP: dict = {}
 
 
 def _distil_setup():
-    """The frozen target (tutorial 09's), the data sampled from it (train: 48 sequences, held out: 16; S = 16)."""
+    """The frozen target (tutorial 09's), the data sampled from it (train: 48 sequences, held out: 16; S = 16), drawn
+    as the engine draws them (``distil_reference.sample_sequences``; the library's engine needs the kv_rollback
+    holes filled, this does not)."""
     if not _SETUP:
         from _tiny import tiny_target
 
-        import minimtp
-
         target = tiny_target(seed=0, mix=0.5).requires_grad_(False)
-        engine = minimtp.Engine(target)
         g = torch.Generator().manual_seed(0)
 
-        def batch(n, seed):
-            starts = [[int(t)] for t in torch.randint(2, target.config.vocab_size, (n,), generator=g)]
-            res = engine.generate(starts, max_new_tokens=15, temperature=1.0, seed=seed, stop_token_ids=[])
-            return torch.tensor([a + b for a, b in zip(starts, res.tokens)])
+        def batch(n, seed, gen=g):
+            starts = torch.randint(2, target.config.vocab_size, (n, 1), generator=gen)
+            return sample_sequences(target, starts, 15, seed)
 
-        _SETUP.update(target=target, engine=engine, batch=batch, train=batch(48, 1), heldout=batch(16, 2))
+        _SETUP.update(target=target, batch=batch, train=batch(48, 1), heldout=batch(16, 2))
     return _SETUP
 
 
@@ -109,10 +108,9 @@ def _fresh_drafter(seed=3):
 
 
 def _reference_loss(target, drafter, x, k) -> torch.Tensor:
-    """The definition of distill_loss, from the library (minimtp.train.distill, in float32)."""
-    from minimtp.train.distill import distill_loss
-
-    return distill_loss(target, drafter, x, k, dtype="fp32")[0]
+    """The definition of distill_loss (float32), the grader's own: equal to ``minimtp.train.distill.distill_loss``
+    (tests/test_assignments.py checks it), which is a hole in the student release."""
+    return reference_loss(target, drafter, x, k)
 
 
 # The classic mistakes: name -> what the loss then is. The hidden suite computes each one (LOSS_VARIANT, set when it
@@ -180,23 +178,8 @@ def _mistake(losses: dict[int, float], x, drafter_seed: int) -> tuple[str, str]:
 
 def _step_losses(target, drafter, x: torch.Tensor, k: int) -> tuple[list[torch.Tensor], list[int]]:
     """L_j, the definition's loss of draft step j alone (mean CE over its valid positions; in the drafter's graph),
-    and n_j, its number of valid positions, for j = 1..k; the definition is the mean of the L_j. The drafter steps
-    are the library's (minimtp.train.distill, float32), recorded; the CE is taken here."""
-    from minimtp.train.distill import distill_loss
-
-    B, S = x.shape
-    rec = _StepRecorder(drafter)
-    distill_loss(target, rec, x, k, dtype="fp32")
-    with torch.no_grad():
-        p_all = torch.softmax(target.forward_with_kv(x)[0].float(), -1)  # row i: the distribution of token i + 1
-    losses, counts = [], []
-    for j, z in enumerate(rec.logits, start=1):
-        rows = torch.arange(S) + j - 1
-        keep = ((torch.arange(S) >= 1) & (rows <= S - 1)).repeat(B)
-        p = p_all[:, rows.clamp(max=S - 1)].reshape(B * S, -1)
-        losses.append(-(p * torch.log_softmax(z.float(), -1)).sum(-1)[keep].mean())
-        counts.append(int(keep.sum()))
-    return losses, counts
+    and n_j, its number of valid positions, for j = 1..k; the definition is the mean of the L_j."""
+    return step_losses(target, drafter, x, k)
 
 
 def _flat_grad(loss, params) -> torch.Tensor:
@@ -369,36 +352,13 @@ def loss_has_gradients(mod):
     check(all(p.grad is None for p in target.parameters()), DD_FROZEN, "the target received gradients: keep it frozen")
 
 
-class _StepRecorder:
-    """Stands for the drafter in the library's distill_loss and records the logits of every draft step."""
-
-    def __init__(self, drafter):
-        self.drafter, self.config, self.logits = drafter, drafter.config, []
-
-    def step(self, *args):
-        z, h = self.drafter.step(*args)
-        self.logits.append(z)
-        return z, h
-
-
 @torch.no_grad()
 def _alphas(target, drafter, x) -> tuple[float, float]:
     """Exact acceptance of sampled drafts at temperature 1, E[sum_x min(p, q)], for draft steps 1 and 2
-    (teacher-forced, as in the library's distill_loss: step 2 reads the true next token and step 1's hidden state),
-    over all valid positions (p >= 1, p + j - 1 <= S - 1)."""
-    from minimtp.train.distill import distill_loss
-
-    B, S = x.shape
-    rec = _StepRecorder(drafter)
-    distill_loss(target, rec, x, 2, dtype="fp32")
-    p_all = torch.softmax(target.forward_with_kv(x)[0].float(), -1)  # row i: the distribution of token i + 1
-    out = []
-    for j, z in enumerate(rec.logits, start=1):
-        rows = torch.arange(S) + j - 1
-        keep = ((torch.arange(S) >= 1) & (rows <= S - 1)).repeat(B)
-        p = p_all[:, rows.clamp(max=S - 1)].reshape(B * S, -1)[keep]
-        out.append(float(torch.minimum(p, torch.softmax(z.float(), -1)[keep]).sum(-1).mean()))
-    return out[0], out[1]
+    (teacher-forced: step 2 reads the true next token and step 1's hidden state), over all valid positions
+    (p >= 1, p + j - 1 <= S - 1)."""
+    a1, a2 = acceptance(target, drafter, x, 2)
+    return a1, a2
 
 
 def check_acceptance_after_training(mod, heldout: torch.Tensor, drafter_seed: int = 3) -> str:

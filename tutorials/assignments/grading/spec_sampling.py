@@ -109,6 +109,7 @@ SP_LAYOUT = "output layout"
 SP_INVALID = "invalid draft id accepted"
 SP_INVALID_INDEX = "invalid draft id used as an index"
 SP_P_ZERO_OUT = "emitted token with p = 0"
+SP_EMPTY_RESIDUAL = "empty residual not replaced by p"
 SP_OUTPUT = "output distribution is not p"
 
 
@@ -152,6 +153,9 @@ BUG_HINTS.update({
     SP_INVALID_INDEX: "check 0 <= x < V BEFORE reading p[j, x] or q[j, x]: an id outside [0, V) (a pad, an id from a "
     "drafter with a larger vocabulary) must be rejected, not raise IndexError (and p[j, -1] silently reads the last "
     "token).",
+    SP_EMPTY_RESIDUAL: "after a rejection where p <= q everywhere (p and q equal up to rounding) the residual "
+    "max(p - q, 0) is all zeros: sample p_j instead (minimtp.speculative.residual_or_target); sampling the zeros emits "
+    "token 0 whatever p says.",
     SP_P_ZERO_OUT: "the emitted token must have p > 0 in its row: sample the residual / bonus with "
     "sample(dist, noise).",
 })
@@ -195,7 +199,7 @@ def check_propose(mod, seed: int, V: int, params: SamplingParams) -> None:
 
 @test(SP, "propose(): 'sample' must return (x, q') with q' = process_logits(draft_logits, params) and x drawn with "
       "sample(q', noise); 'argmax' returns (argmax of the raw logits, None): a one-hot proposal has no q.",
-      points=8, bug=SP_PROPOSE)  # fmt: skip
+      points=8, bug=SP_PROPOSE, library=False)  # fmt: skip
 def propose_api(mod):
     check_propose(mod, 0, 8, SamplingParams(0.7, top_k=3))
 
@@ -213,7 +217,7 @@ def check_drafts_follow_q(mod, name: str, Zq: torch.Tensor, params: SamplingPara
 @test(SP, "the drafts must be SAMPLED FROM THE q' YOU RETURN: drafting from the raw softmax (ignoring temperature / "
       "top-k) while the ratio uses the processed q' biases the output (z-lab/dflash issue #74: temperature never "
       "reached the drafter's sampler; deepseek-ai/DeepSpec issue #31: bf16 draft, float32 ratio).",
-      points=8, bug=SP_DRAFTS, chi2=2)  # fmt: skip
+      points=8, bug=SP_DRAFTS, chi2=2, library=False)  # fmt: skip
 def drafts_follow_q(mod):
     for name in ("V=6 k=2 T=0.7 top-k 4, sampled", "V=5 k=3 T=0.5, sampled"):
         P, Zq, params, mode, N = CASES[name]

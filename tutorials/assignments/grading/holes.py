@@ -32,7 +32,6 @@ HOLES: dict[str, list[Hole]] = {
         Hole("minimtp/speculative.py", "verify", "exact verification: accept a prefix, then one residual/bonus token"),
         Hole("kernels/verify.py", "_num_accepted", "the Triton twin of verify", withheld=True),
         Hole("kernels/verify.py", "_race_kernel", "the Triton twin of verify", withheld=True),
-        Hole("kernels/verify.py", "_race_finish_kernel", "the Triton twin of verify", withheld=True),
     ],
     "kv_rollback": [
         Hole("minimtp/kv_cache.py", "KVCache.reserve", "append: cover positions 0..n-1, atomically"),

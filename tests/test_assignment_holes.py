@@ -148,7 +148,7 @@ def test_the_release_contains_no_answer(release):
     dumps = {}
     prints = {}
     for a, fns in answers.items():
-        for name, src, first in fns:
+        for name, src, _first in fns:
             fn = ast.parse(_dedent(src)).body[0]
             if len(fn.body) > 2:  # one-line answers (acceptance_ratio, residual_sample) carry no distinct shape
                 dumps[_normalised(fn)] = f"{a}: {name}"

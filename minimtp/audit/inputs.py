@@ -106,6 +106,8 @@ def prompt_ids(prompts: list, tokenizer) -> list[list[int]]:
     """Token ids of each prompt: a string through the tokenizer (as a server tokenizes a completion prompt)."""
     out = []
     for p in prompts:
+        if isinstance(p, str) and tokenizer is None:
+            raise ConfigError("text prompts need the checkpoint's tokenizer (tokenizer.json): pass token ids")
         ids = list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p)
         if not ids:
             raise ConfigError(f"prompt {p!r} has no tokens")

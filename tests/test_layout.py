@@ -44,7 +44,15 @@ PIPELINE = [
     "engine",
     "decode",
 ]
-TOOLING = ("minimtp.generate", "minimtp.flags", "minimtp.serve", "minimtp.bench", "minimtp.train", "minimtp.hf_compat")
+TOOLING = (
+    "minimtp.generate",
+    "minimtp.flags",
+    "minimtp.serve",
+    "minimtp.bench",
+    "minimtp.train",
+    "minimtp.audit",
+    "minimtp.hf_compat",
+)
 FORBIDDEN = re.compile(r"fused|prepack|\bint8|onednn|_version|__setattr__", re.IGNORECASE)
 
 

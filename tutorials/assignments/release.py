@@ -372,7 +372,8 @@ def _load_stdlib_module(name: str):
     grading package (which imports torch)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"minimtp_release_{name}", ADIR / "grading" / f"{name}.py")
+    here = Path(__file__).resolve().parent / "grading"  # this script's grader code (ADIR may be another tree's)
+    spec = importlib.util.spec_from_file_location(f"minimtp_release_{name}", here / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -394,7 +395,10 @@ def _library_files() -> list[tuple[Path, str]]:
 
 def write_library(out: Path, holes: bool = True) -> tuple[list[Path], dict]:
     """Write the minimtp package into ``out`` (``minimtp/``, ``pyproject.toml``), every hole of grading/holes.py cut
-    when ``holes``; returns (the written files, the fingerprints of what was cut and of the solutions)."""
+    when ``holes``; returns (the written files, the fingerprints of what was cut and of the solutions). A tree
+    without the package (a made-up layout) ships none."""
+    if not (ROOT / "minimtp").is_dir():
+        return [], {}
     table = _load_stdlib_module("holes")
     assignment_of = {h.name: a for a, hs in table.HOLES.items() for h in hs}
     written = []

@@ -142,9 +142,9 @@ def _paged_kv(KVCache):
 
         def gather(self, seq: int, start: int = 0):
             pos = range(start, self.lengths[seq])
-            table = self.tables[seq]
-            k = [self.k[table[i // self.block_size], i % self.block_size] for i in pos]
-            v = [self.v[table[i // self.block_size], i % self.block_size] for i in pos]
+            ids = self.tables[seq]
+            k = [self.k[ids[i // self.block_size], i % self.block_size] for i in pos]
+            v = [self.v[ids[i // self.block_size], i % self.block_size] for i in pos]
             dim = self.k.shape[-1]
             return (torch.stack(k) if k else torch.zeros(0, dim)), (torch.stack(v) if v else torch.zeros(0, dim))
 
@@ -165,13 +165,14 @@ def _paged_kv(KVCache):
 
 
 def _propose(draft_logits, params, mode, noise):
-    """The engine's drafting (``Engine._draft``): argmax of the raw logits, or a draw from the processed q'."""
+    """The engine's drafting rule (``Engine._draft`` in minimtp/engine.py, shipped whole in the release): not a hole,
+    so library mode does not grade it; the verification tests draft with it."""
     from minimtp.sampling import process_logits, sample
 
-    if mode == "argmax":
-        return draft_logits.argmax(-1), None
-    q = process_logits(draft_logits, params)
-    return sample(q, noise), q
+    if mode != "sample":
+        return torch.argmax(draft_logits, dim=-1), None
+    processed = process_logits(draft_logits, params)
+    return sample(processed, noise), processed
 
 
 def adapt(assignment: str, mod) -> types.ModuleType:

@@ -20,15 +20,18 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the subcommand ``argv`` names (default: the command line); its exit status."""
+    """Run the subcommand ``argv`` names (default: the command line); its exit status. ``--help``: the usage on
+    standard output; no subcommand or an unknown one: the usage and one error line on standard error, status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m minimtp.audit {{{','.join(SUBCOMMANDS)}}} ...\n\n{__doc__.strip()}"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if not argv or argv[0] not in SUBCOMMANDS:
-        got = f"unknown subcommand {argv[0]!r}" if argv and argv[0] not in ("-h", "--help") else "usage"
-        print(__doc__.strip(), file=sys.stderr)
-        if got != "usage":
-            print(f"error: {got}: expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
-            return 2
-        return 0 if argv else 2
+        print(usage, file=sys.stderr)
+        got = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand"
+        print(f"error: {got}: expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
     return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
 
 

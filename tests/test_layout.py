@@ -53,7 +53,7 @@ TOOLING = (
     "minimtp.audit",
     "minimtp.hf_compat",
 )
-FORBIDDEN = re.compile(r"fused|prepack|\bint8|onednn|_version|__setattr__", re.IGNORECASE)
+FORBIDDEN = re.compile(r"\bfused|prepack|\bint8|onednn|_version|__setattr__", re.IGNORECASE)
 
 
 def module_path(name: str) -> Path:

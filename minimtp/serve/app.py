@@ -28,10 +28,9 @@ from minimtp.controls.stop_strings import StopStrings, TextStream
 from minimtp.errors import CacheFullError, MinimtpError
 from minimtp.request import make_requests
 from minimtp.scheduler import QueueFullError
-from minimtp.serve import protocol
 from minimtp.serve.errors import APIError, error, error_body, install_handlers
 from minimtp.serve.loop import ServerClosingError
-from minimtp.serve.protocol import ChatBody, CompletionBody
+from minimtp.serve.protocol import MAX_N, ChatBody, CompletionBody, constraint, parse, to_settings
 
 REASONS = {"stop": "stop", "length": "length", "context": "length", "abort": "abort", "error": "error"}
 
@@ -139,18 +138,18 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = protocol.parse(await request.body(), CompletionBody)
+        body = parse(await request.body(), CompletionBody)
         check_model(body)
         if body.echo and body.logprobs is not None:
             raise APIError("echo with logprobs (the prompt's logprobs) is not supported", param="echo")
         prompts = await prompt_ids(body.prompt)
         n = _choices(body.n, len(prompts), serving)
-        settings = protocol.settings(
+        settings = to_settings(
             body,
             max_tokens=max_new(body.max_tokens, "max_tokens", prompts, 16),  # OpenAI's default for completions
             default_k=default_k,
             defaults=defaults,
-            grammar=protocol.constraint(body),
+            grammar=constraint(body),
             logprobs=body.logprobs,
         )
         reqs = await asyncio.to_thread(requests_for, prompts, n, settings)
@@ -159,7 +158,7 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = protocol.parse(await request.body(), ChatBody)
+        body = parse(await request.body(), ChatBody)
         check_model(body)
         if not getattr(tokenizer, "chat_template", None):
             raise APIError("this model's tokenizer has no chat template: use /v1/completions")
@@ -169,12 +168,12 @@ def build_app(
         top = body.top_logprobs
         if top is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        settings = protocol.settings(
+        settings = to_settings(
             body,
             max_tokens=max_new(getattr(body, name), name, prompts, None),  # OpenAI: the rest of the context
             default_k=default_k,
             defaults=defaults,
-            grammar=protocol.constraint(body, body.response_format),
+            grammar=constraint(body, body.response_format),
             logprobs=(top or 0) if body.logprobs else None,
         )
         reqs = await asyncio.to_thread(requests_for, prompts, n, settings)
@@ -213,8 +212,8 @@ def build_app(
 
 def _choices(n: int | None, prompts: int, serving) -> int:
     n = 1 if n is None else n
-    if not 1 <= n <= protocol.MAX_N:
-        raise APIError(f"n={n}: expected an integer in 1..{protocol.MAX_N}", param="n")
+    if not 1 <= n <= MAX_N:
+        raise APIError(f"n={n}: expected an integer in 1..{MAX_N}", param="n")
     limit = serving.sched.max_waiting
     if limit is not None and n * prompts > limit:
         raise APIError(f"{prompts} prompt(s) x n={n} is more requests than the queue holds ({limit})", param="n")

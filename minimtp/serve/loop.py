@@ -11,12 +11,19 @@ loop goes on: a bad request never stops the others.
 Shutting down (`close`, then `drain`): no new request is admitted (`submit` raises `ServerClosingError`, HTTP 503);
 running ones may finish until the deadline, then the rest are cancelled (finish reason "abort").
 
+Memory: the step's tensors change shape with every batch, and glibc's allocator keeps the freed pieces: the
+resident size crept by hundreds of MiB over a few thousand requests of a mixed load. The loop hands free memory
+back to the system (``malloc_trim``) whenever it goes idle and every ``TRIM_EVERY`` steps, which keeps it flat
+(docs: guides/serving, "Memory").
+
 Metrics: metrics.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -30,6 +37,16 @@ from minimtp.scheduler import Scheduler
 from minimtp.serve.metrics import Metrics
 
 log = logging.getLogger("minimtp.serve")
+TRIM_EVERY = 256  # steps between two malloc_trim calls while busy
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0) (hand the free heap back to the system), or None where there is none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 class ServerClosingError(GenerationError):
@@ -61,6 +78,7 @@ class ServingEngine:
         self.closing = False
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="minimtp-engine", daemon=True)
+        self.trim = _malloc_trim()
 
     def start(self) -> None:
         self.thread.start()
@@ -136,11 +154,18 @@ class ServingEngine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        steps = 0
         while not self.stopping:
             if not self.sched.has_work:
+                if steps and self.trim is not None:  # just went idle
+                    self.trim(0)
+                steps = 0
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
+            steps += 1
+            if steps % TRIM_EVERY == 0 and self.trim is not None:
+                self.trim(0)
             prompt_before = self.sched.stats.prompt_tokens
             plan = None
             try:

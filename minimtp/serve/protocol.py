@@ -3,7 +3,7 @@
 `parse` reads a body: JSON, an object, valid Unicode (a lone surrogate such as ``"\\ud800"`` names its field), the
 pydantic model's types, every ``null`` the spec allows. A field the server does not implement is refused with a
 400 naming it, never ignored: ``tools``, ``logit_bias``, ``best_of``, ``suffix``... are accepted only with the
-value that changes nothing (no tools, an empty bias, ``best_of == n``). `settings` maps a body onto
+value that changes nothing (no tools, an empty bias, ``best_of == n``). `to_settings` maps a body onto
 `GenerationSettings` (settings.py): sampling, seed, stops, penalties, ``logprobs``, and one constraint from
 ``response_format``, vLLM's ``structured_outputs`` (json, regex, choice, grammar, json_object) or its older
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (docs: guides/serving).
@@ -205,7 +205,7 @@ def _structured_outputs(spec: dict, where: str = "structured_outputs") -> dict:
     return {"regex": "|".join("".join("\\" + c if c in REGEX_META else c for c in s) for s in value)}
 
 
-def settings(body: _Body, *, max_tokens: int, default_k: int, defaults: dict, grammar: dict, logprobs) -> dict:
+def to_settings(body: _Body, *, max_tokens: int, default_k: int, defaults: dict, grammar: dict, logprobs) -> dict:
     """``body``'s GenerationSettings fields; ``defaults``: the server's sampling defaults for what it leaves out."""
     k = default_k if body.num_speculative_tokens is None else body.num_speculative_tokens
     if k < 0:

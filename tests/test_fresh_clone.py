@@ -69,7 +69,9 @@ def test_readme_first_command_from_the_root(newcomer_env):
     assert "draft acceptance rate" in proc.stderr
 
 
-@pytest.mark.parametrize("module", ["minimtp.bench", "minimtp.train", "minimtp.serve", "minimtp.kernels.bench", "minimtp.audit"])
+@pytest.mark.parametrize(
+    "module", ["minimtp.bench", "minimtp.train", "minimtp.serve", "minimtp.kernels.bench", "minimtp.audit"]
+)
 def test_every_entry_point_starts_from_the_root(newcomer_env, module):
     env, _ = newcomer_env
     proc = run_from_root(env, "-m", module, "--help")

@@ -54,6 +54,7 @@ def test_bench_serve_runs_end_to_end(tmp_path, capsys):
     pytest.importorskip("uvicorn")
     rc = main(
         ["serve", "--concurrency", "1,2", "--requests-per-level", "2", "--max-tokens", "4", "--out", str(tmp_path)]
+        + ["--load-streams", "8", "--load-rounds", "2"]
     )
     out = capsys.readouterr().out
     assert rc == 0
@@ -66,6 +67,8 @@ def test_bench_serve_runs_end_to_end(tmp_path, capsys):
     for r in report["rows"]:
         assert r["tokens"] == 2 * 4 and r["tok_s"] > 0 and r["ttft_p50_ms"] > 0
     assert report["overhead"][str(k)]["offline_tok_s"] > 0
+    load = report["load"]  # 8 streams at once, twice: each text is the same request's alone, RSS read 3 times
+    assert load["exact"] == [8, 8] and len(load["rss_mib"]) == 3 and "Load: 8 concurrent streams x 2 rounds" in out
     for f in ("serve.md", "serve.png"):
         assert (tmp_path / f).stat().st_size > 0
 

@@ -16,6 +16,10 @@ tokens each), the code prompts of ``minimtp.bench.speedup.PROMPTS`` in turn; wit
 * overhead: tok/s of the server at concurrency 1 over the same prompts through ``Engine.generate`` in this process
   (the same pair and flags, loaded after the server has stopped). The server runs in its own process, as deployed.
   The greedy texts of every level are compared with the offline ones.
+* load: ``--load-streams`` streams at once (default 64), ``--load-rounds`` times (default 3), half greedy and half
+  seeded sampling (temperature 1, seed = the stream's index), with and without the assistant in turn: each text must
+  equal the same request run alone through ``Engine.generate`` (exact), and the server's resident memory (VmRSS of
+  its process) is read before the first round and after each.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-level", type=int, default=None, help="default: max(8, 2 x concurrency)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (ignore_eos)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="server batch size (default: the top level)")
+    p.add_argument("--load-streams", type=int, default=64, help="concurrent streams of the load rounds (0: none)")
+    p.add_argument("--load-rounds", type=int, default=3, help="rounds of --load-streams streams")
     p.add_argument("--out", default="bench_results", help="directory for serve.md, serve.json and serve.png")
     return p
 
@@ -77,7 +83,7 @@ def start_server(args, max_num_seqs: int):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "minimtp.serve", "--port", str(port), "--threads", str(args.threads)]
-    cmd += ["--max-num-seqs", str(max_num_seqs), "--max-waiting", str(max_num_seqs)]
+    cmd += ["--max-num-seqs", str(max_num_seqs), "--max-waiting", str(max(max_num_seqs, args.load_streams))]
     cmd += ["--max-model-len", str(256 + args.max_tokens)]  # the prompts are short; the pool fits max_num_seqs
     for flag in PAIR:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -108,6 +114,7 @@ async def one_request(client, model: str, prompt: str, max_tokens: int, k: int) 
         max_tokens=max_tokens,
         temperature=0,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True, "num_speculative_tokens": k},
     )
     times = []
@@ -206,6 +213,58 @@ async def run_levels(port: int, model: str, levels: list[int], args, ks: list[in
     return rows, texts
 
 
+def load_request(i: int, k: int, max_tokens: int) -> dict:
+    """Stream i of a load round: greedy for even i, seeded sampling for odd i; the draft length k or plain."""
+    body = dict(prompt=PROMPTS["code"][i % len(PROMPTS["code"])], max_tokens=max_tokens, temperature=0.0)
+    if i % 2:
+        body |= dict(temperature=1.0, seed=i)
+    return body | dict(num_speculative_tokens=k if i % 4 < 2 else 0)
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` (VmRSS, Linux), in MiB; NaN where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+async def run_load(port: int, model: str, args, k: int, pid: int) -> dict:
+    """The load rounds (module docstring): every round's texts, and the server's RSS before and after each."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=3600)
+
+    async def one(i: int) -> str:
+        body = load_request(i, k, args.max_tokens)
+        prompt = body.pop("prompt")
+        extra = {"ignore_eos": True, "num_speculative_tokens": body.pop("num_speculative_tokens")}
+        stream = await client.completions.create(model=model, prompt=prompt, stream=True, extra_body=extra, **body)
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    rss = [rss_mib(pid)]
+    rounds = []
+    for _ in range(args.load_rounds):
+        rounds.append(await asyncio.gather(*(one(i) for i in range(args.load_streams))))
+        rss.append(rss_mib(pid))
+    await client.close()
+    return dict(rounds=rounds, rss_mib=rss)
+
+
+def offline_load(engine, tok, args, k: int) -> list[str]:
+    """Each load stream's text, its request run alone through ``engine.generate``."""
+    texts = []
+    for i in range(args.load_streams):
+        body = load_request(i, k, args.max_tokens)
+        kk = body["num_speculative_tokens"]
+        gen = dict(max_new_tokens=args.max_tokens, temperature=body["temperature"], seed=body.get("seed"))
+        gen |= dict(stop_token_ids=[], num_speculative_tokens=max(kk, 1), use_assistant=kk > 0)
+        texts.append(engine.generate([tok(body["prompt"])["input_ids"]], **gen).texts[0])
+    return texts
+
+
 def offline(engine, tok, args, k: int, n: int) -> tuple[float, dict]:
     """tok/s of the concurrency-1 level's n prompts through ``engine.generate`` one by one, and each prompt's text."""
     prompts = PROMPTS["code"]
@@ -298,6 +357,7 @@ def main(argv=None) -> int:
             return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
 
         rows, texts = asyncio.run(run_levels(port, model, levels, args, ks, count))
+        load = asyncio.run(run_load(port, model, args, k, proc.pid)) if args.load_streams else None
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -336,8 +396,19 @@ def main(argv=None) -> int:
         plain = "" if r["k"] else " plain"
         same.append(f"c={r['concurrency']}{plain} {r['same_text_as_offline']}/{r['requests']}")
     md += "\n\nGreedy texts equal to offline `Engine.generate`: " + ", ".join(same)
+    if load is not None:
+        alone = offline_load(engine, tok, args, k)
+        load["exact"] = [sum(a == b for a, b in zip(texts_r, alone)) for texts_r in load["rounds"]]
+        rss = ", ".join(f"{x:.0f}" for x in load["rss_mib"])
+        md += (
+            f"\n\nLoad: {args.load_streams} concurrent streams x {args.load_rounds} rounds (half greedy, half seeded "
+            f"sampling; k={k} and plain): texts equal to the same request alone "
+            + ", ".join(f"{e}/{args.load_streams}" for e in load["exact"])
+            + f"; server RSS before and after each round: {rss} MiB"
+        )
     os.makedirs(args.out, exist_ok=True)
     report = {"rows": rows, "overhead": {str(kk): o for kk, o in overhead.items()}, "k": k, "args": vars(args)}
+    report["load"] = load
     with open(os.path.join(args.out, "serve.md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(args.out, "serve.json"), "w") as f:

@@ -229,6 +229,11 @@ def register(G) -> None:
         bs = pick(g, [2, 3, 4, 8])
         chunks = [rint(g, 1, 3 * bs) for _ in range(5)]
         G.check_trim(mod, g, bs, rint(g, 1, 3), G._blocks(sum(chunks), bs) + 2, chunks, rint(g, 1, 3 * bs))
+        # and in every draw the adversarial length: L - keep + 1 a multiple of the block size with the last block
+        # partly full, where keeping keep - 1 positions, or counting from the table's capacity, frees a live block
+        keep = pick(g, [k for k in range(1, 3 * bs + 1) if k % bs != 1])
+        L = rint(g, 1, 3) * bs + keep - 1
+        G.check_trim(mod, g, bs, rint(g, 1, 3), G._blocks(L, bs) + 2, [L], keep)
 
     @hidden(KV, "random operations must read back what a plain list holds and conserve the pool.", points=18,
             bug=G.KV_RANDOM, name="random_operations")  # fmt: skip

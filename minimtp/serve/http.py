@@ -5,7 +5,8 @@
   header-trickling sockets cannot pile up. uvicorn's ``timeout_keep_alive`` closes idle keep-alive connections;
   h11 caps the size of a request head.
 * `BodyLimit`: an ASGI middleware that reads each request body before the app sees it: 413 past ``max_bytes``
-  (from Content-Length, or while reading), 408 when it does not arrive within ``timeout`` seconds. The app then
+  (from Content-Length, or while reading; the rest is read and dropped so the client sees the answer), 408 when
+  it does not arrive within ``timeout`` seconds. The app then
   reads the buffered body; its later ``receive()`` calls still report the client's disconnect.
 * `HTTPServer`: a uvicorn server whose shutdown (SIGTERM, SIGINT) first closes the serving loop to new requests
   (503), lets the running ones finish for ``drain_timeout`` seconds, cancels the rest - every stream gets its
@@ -80,7 +81,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _reply(send, 413, f"the body has {int(length)} bytes: the limit is {self.max_bytes}")
+            await _reply(send, 413, f"the body has {int(length)} bytes: the limit is {self.max_bytes}")
+            return await self._discard(receive)
         chunks = []
 
         async def read() -> str | None:  # None: the whole body; else why not
@@ -103,7 +105,8 @@ class BodyLimit:
         if problem == "disconnect":
             return
         if problem is not None:
-            return await _reply(send, 413, problem)
+            await _reply(send, 413, problem)
+            return await self._discard(receive)
         body = b"".join(chunks)
         sent = False
 
@@ -115,6 +118,21 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _discard(self, receive) -> None:
+        """Read and drop the rest of a refused body (at most ``timeout`` s), so that closing the connection does not
+        reset it before the client has read the 413 (a "lingering close")."""
+
+        async def drain():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), self.timeout)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def _reply(send, status: int, message: str) -> None:

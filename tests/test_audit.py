@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from support.audit_endpoints import RuleEndpoint, TransformersEndpoint
 from support.common import ASSISTANT_DIR, TARGET_DIR, default_pair
-from support.inprocess_server import InProcessServer
+from support.server import Server
 from support.vllm_metrics import vllm_metrics_text
 
 import minimtp
@@ -50,7 +50,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def server():
-    s = InProcessServer("--dtype", "float32", "--max-num-seqs", "16", "--max-model-len", "256")
+    s = Server("--dtype", "float32", "--max-num-seqs", "16", "--max-model-len", "256")
     yield s
     s.close()
 
@@ -234,7 +234,7 @@ def test_metrics_reads_minimtp_server_with_a_baseline(pair, server, tmp_path, ca
     matches the expectation of the same workload computed from the flags."""
     target, assistant, tok = pair
     before = tmp_path / "before.txt"
-    before.write_text(server.get("/metrics"), encoding="utf-8")
+    before.write_text(server.http.get("/metrics").text, encoding="utf-8")
     ep = OpenAIEndpoint(server.url + "/v1", None, concurrency=8)
     for p in DEFAULT_PROMPTS[:4]:
         ep.complete(p, [0], 24, {"temperature": 0.0})

@@ -5,7 +5,7 @@
   header-trickling sockets cannot pile up. uvicorn's ``timeout_keep_alive`` closes idle keep-alive connections;
   h11 caps the size of a request head.
 * `BodyLimit`: an ASGI middleware that reads each request body before the app sees it: 413 past ``max_bytes``
-  (from Content-Length, or while reading; the rest is read and dropped so the client sees the answer), 408 when
+  (from Content-Length, or while reading; uvicorn drops the rest, so the client reads the answer), 408 when
   it does not arrive within ``timeout`` seconds. The app then
   reads the buffered body; its later ``receive()`` calls still report the client's disconnect.
 * `HTTPServer`: a uvicorn server whose shutdown (SIGTERM, SIGINT) first closes the serving loop to new requests
@@ -81,8 +81,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _reply(send, 413, f"the body has {int(length)} bytes: the limit is {self.max_bytes}")
-            return await self._discard(receive)
+            return await _reply(send, 413, f"the body has {int(length)} bytes: the limit is {self.max_bytes}")
         chunks = []
 
         async def read() -> str | None:  # None: the whole body; else why not
@@ -101,12 +100,11 @@ class BodyLimit:
         try:
             problem = await asyncio.wait_for(read(), self.timeout)
         except asyncio.TimeoutError:
-            return await _reply(send, 408, f"the body did not arrive within {self.timeout:g} s")
+            return await _reply(send, 408, f"the body did not arrive within {self.timeout:g} s", close=True)
         if problem == "disconnect":
             return
         if problem is not None:
-            await _reply(send, 413, problem)
-            return await self._discard(receive)
+            return await _reply(send, 413, problem)
         body = b"".join(chunks)
         sent = False
 
@@ -119,26 +117,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _discard(self, receive) -> None:
-        """Read and drop the rest of a refused body (at most ``timeout`` s), so that closing the connection does not
-        reset it before the client has read the 413 (a "lingering close")."""
 
-        async def drain():
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                    return
-
-        try:
-            await asyncio.wait_for(drain(), self.timeout)
-        except asyncio.TimeoutError:
-            pass
-
-
-async def _reply(send, status: int, message: str) -> None:
+async def _reply(send, status: int, message: str, close: bool = False) -> None:
+    """An error answer. A 413 keeps the connection open: uvicorn then reads and drops the rest of the body (closing
+    at once would reset the connection while the client still sends, and it would never read the answer); the
+    keep-alive deadline bounds how long that takes."""
     payload = json.dumps(error_body(status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + [(b"connection", b"close")]})
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 

@@ -251,6 +251,7 @@ class Call:
         self.echo = [tokenizer.decode(prompts[i // n]) if echo else "" for i in range(len(reqs))]
         self.texts = [TextStream(r.stop_strings or StopStrings(tokenizer, [], prefix=r.controls.healed)) for r in reqs]
         self.reported = [0] * len(reqs)  # tokens whose logprobs were sent
+        self.offsets = [len(e) for e in self.echo]  # text offset of the next reported token (completions)
         self.reasons: list[str | None] = [None] * len(reqs)
         self.failed: str | None = None
 
@@ -279,19 +280,18 @@ class Call:
         start = self.reported[i]
         self.reported[i] = upto
         entries = r.out_logprobs[start:upto]
-        tokens = [self.tokenizer.decode([t]) for t in r.out[start:upto]]
         word = lambda t: self.tokenizer.decode([t])
+        tokens = [word(t) for t in r.out[start:upto]]
         if self.chat:
             content = []
             for s, (lp, top) in zip(tokens, entries):
                 alts = [{"token": word(t), "logprob": v, "bytes": list(word(t).encode())} for t, v in top]
                 content.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": alts})
             return {"content": content, "refusal": None}
-        offset = len(self.echo[i]) + sum(len(self.tokenizer.decode([t])) for t in r.out[:start])
         offsets = []
         for s in tokens:
-            offsets.append(offset)
-            offset += len(s)
+            offsets.append(self.offsets[i])
+            self.offsets[i] += len(s)
         return {
             "tokens": tokens,
             "token_logprobs": [lp for lp, _ in entries],
